@@ -1,0 +1,3 @@
+"""llmopt: LLaMA pre-training for optimizer research."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Metrics: loggers (JSON lines always, W&B when enabled), throughput and MFU."""

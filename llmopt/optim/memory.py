@@ -1,0 +1,99 @@
+"""Optimizer-state memory, two ways: bytes actually held, and the papers' accounting.
+
+The papers' accounting (protocol.md section 2) reproduces their tables exactly:
+bytes = 2 x (parameters + optimizer-state elements), everything counted in bf16, 1 GB = 1e9 B.
+Adam keeps 2 states per parameter, Muon and momentum SGD one, SCALE only the lm_head momentum
+(the 1-D parameters' Adam states are negligible and ignored, as in the paper), EMA-Nesterov adds
+two parameter-sized buffers to its base.
+
+The published figures are rounded to 0.01 GB, and not all in one way: Adam's are the weights and
+the states each rounded, then added (60M: 0.12 + 0.23 = 0.35; 130M: 0.27 + 0.54 = 0.81, where the
+rounded total would be 0.80); SCALE's and Muon's are the rounded total (350M SCALE: 0.80, where
+rounding each part would give 0.81). `paper_memory_gb(..., as_printed=True)` applies that rule so
+the tables can be compared digit for digit; the default returns the exact value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.model import llama_config, param_counts
+
+# state elements as a function of the parameter counts of model.param_counts
+PAPER_STATE_ELEMENTS = {
+    "adam": lambda c: 2 * c["total"],
+    "adamw": lambda c: 2 * c["total"],
+    "muon": lambda c: c["total"],
+    "sgd": lambda c: c["total"],
+    "sgd_ll": lambda c: c["total"],
+    "scale": lambda c: c["output"],
+}
+
+
+def paper_state_elements(flavor: str, optimizer: str, lookahead: str | None = None) -> int:
+    return state_elements(param_counts(llama_config(flavor)), optimizer, lookahead)
+
+
+def state_elements(counts: dict[str, int], optimizer: str, lookahead: str | None = None) -> int:
+    """Optimizer-state elements by the paper's accounting, from model.param_counts(...)."""
+    if optimizer not in PAPER_STATE_ELEMENTS:
+        raise ValueError(f"the paper's memory accounting is defined here for {sorted(PAPER_STATE_ELEMENTS)}, "
+                         f"not {optimizer!r}; use state_bytes(optimizer) for the measured figure")
+    elements = PAPER_STATE_ELEMENTS[optimizer](counts)
+    if lookahead == "ema_nesterov":
+        elements += 2 * counts["total"]
+    elif lookahead not in (None, "none"):
+        raise ValueError(f"unknown lookahead {lookahead!r}; choose none or ema_nesterov")
+    return elements
+
+
+def paper_memory_gb(flavor: str, optimizer: str, lookahead: str | None = None,
+                    as_printed: bool = False) -> float:
+    """Weights + optimizer state in GB (1e9 B), bf16, as the SCALE paper counts them."""
+    weights = 2 * param_counts(llama_config(flavor))["total"] / 1e9
+    states = 2 * paper_state_elements(flavor, optimizer, lookahead) / 1e9
+    if not as_printed:
+        return weights + states
+    if optimizer in ("adam", "adamw"):
+        return round(round(weights, 2) + round(states, 2), 2)
+    return round(weights + states, 2)
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    if hasattr(value, "__dict__"):  # e.g. GaLore's projector objects hold their matrices as attributes
+        return [t for v in vars(value).values() if isinstance(v, torch.Tensor) for t in [v]]
+    return []
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of optimizer state (an optimizer may define `state_tensors()` to add its own)."""
+    if hasattr(optimizer, "state_tensors"):
+        return optimizer.state_tensors()
+    return [t for s in optimizer.state.values() for t in _tensors_in(s)]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in optimizer-state tensors (each storage counted once)."""
+    seen, total = set(), 0
+    for t in state_tensors(optimizer):
+        key = (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def estimate_train_bytes(counts: dict[str, int], optimizer: str, lookahead: str | None,
+                         precision: str) -> int | None:
+    """Weights + gradients + optimizer state before any activation, for refusing a run that cannot fit
+    before allocating it; None where the optimizer's state is not accounted for here."""
+    if optimizer not in PAPER_STATE_ELEMENTS:
+        return None
+    weight_bytes = 2 if precision == "bf16_pure" else 4  # amp_bf16 keeps fp32 master weights and grads
+    return weight_bytes * (2 * counts["total"] + state_elements(counts, optimizer, lookahead))

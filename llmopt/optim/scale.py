@@ -1,0 +1,117 @@
+"""SCALE: Stochastic Column-normalized Last-layer momEntum (arXiv 2506.16659).
+
+Column-normalized SGD for the hidden matrices and the embedding, EMA momentum on the output layer
+only, and AdamW for 1-D parameters. The update rule follows the authors' released optimizer
+(protocol.md section 2):
+
+  matrix / embedding:  p <- p (1 - lr wd) - lr * D(g)
+  output (lm_head):    m <- beta m + (1 - beta) g;   p <- p (1 - lr wd) - lr * D(m)
+  vector (1-D):        AdamW with eps added to the uncorrected sqrt(v), as the authors' code does
+
+D is the normalization. "column" divides each output unit (row of a torch nn.Linear weight) by its
+RMS, floored at 1e-8: every normalized row has RMS 1 (not unit l2 norm; the released learning rates
+depend on this). The embedding [vocab, hidden] is a Linear's transpose, so its output units are its
+columns: one scale per hidden unit. The ablation normalizations are scaled to the same unit RMS so
+one learning rate means the same step size for all of them:
+  row       RMS over the other dimension;  sign  sign(g);
+  spectral  Newton-Schulz U V^T (Muon's coefficients, 5 steps) times sqrt(max(rows, cols));
+  none      g itself.
+`momentum_on` moves the momentum: "output" (SCALE), "all" (every matrix), "none".
+
+The vector groups' lr is `adam_lr` (their own peak): a schedule that scales every group's initial
+lr gives them adam_lr * lr_t / lr_peak, as the authors' code does. State dtype = parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmopt.optim.common import (check_choice, check_nonnegative, check_unit_interval, newton_schulz,
+                                 role_groups)
+
+NORMALIZATIONS = ("column", "row", "sign", "spectral", "none")
+MOMENTUM_ON = ("output", "all", "none")
+
+
+def normalize(g: torch.Tensor, kind: str, transposed: bool = False) -> torch.Tensor:
+    """The normalized direction of a 2-D tensor; `transposed` for weights stored [in, out] (embedding)."""
+    if kind == "column" or kind == "row":
+        # "column": one scale per output unit; output units are rows of [out, in], columns if transposed
+        dim = 1 if (kind == "column") != transposed else 0
+        scale = g.square().mean(dim=dim, keepdim=True).sqrt_().clamp_min_(1e-8)
+        return g / scale
+    if kind == "sign":
+        return torch.sign(g)
+    if kind == "spectral":
+        return newton_schulz(g) * math.sqrt(max(g.shape))
+    return g
+
+
+class SCALE(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, adam_lr: float = 1e-3,
+                 adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                 weight_decay: float = 0.0, normalization: str = "column", momentum_on: str = "output"):
+        check_nonnegative(lr=lr, adam_lr=adam_lr, adam_eps=adam_eps, weight_decay=weight_decay)
+        check_unit_interval(momentum=momentum, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1])
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("momentum_on", momentum_on, MOMENTUM_ON)
+        groups = role_groups(params)
+        for group in groups:
+            if group["role"] == "vector":
+                group.setdefault("lr", adam_lr)
+        defaults = dict(lr=lr, momentum=momentum, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
+                        weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on)
+        super().__init__(groups, defaults)
+
+    def _uses_momentum(self, group: dict) -> bool:
+        on = group["momentum_on"]
+        return on == "all" or (on == "output" and group["role"] == "output")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["role"] == "vector":
+                self._adamw(group, params)
+                continue
+            lr, wd = group["lr"], group["weight_decay"]
+            transposed = group["role"] == "embedding"
+            for p in params:
+                direction = p.grad
+                if self._uses_momentum(group):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    direction = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+                update = normalize(direction, group["normalization"], transposed)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+        return loss
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["adam_betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["adam_eps"]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(p.grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)

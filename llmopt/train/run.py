@@ -1,0 +1,162 @@
+"""From one resolved config to a finished run: validate, build each component, train, summarize.
+
+Each builder is a plain function of its own config group; only this file reads the whole config.
+Everything that can be checked is checked before the model is allocated or anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llmopt.model import build_model, flops_per_token, llama_config, param_counts
+from llmopt.model.loss import CausalLMLoss
+from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
+from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
+from llmopt.train.schedule import build_schedule
+from llmopt.train.trainer import Trainer, TrainerConfig
+
+log = logging.getLogger("llmopt")
+
+# optimizers whose update needs whole rows (across dim 1) or whole tensors/matrices: FSDP2 shards by rows
+# of dim 0, so SCALE's embedding normalization, SGD-LL's per-tensor RMS and Muon/GaLore's matrix maths
+# would silently use a shard. They run under DDP; under FSDP the trainer refuses them.
+NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
+TRAINER_ONLY_KEYS = ("compile", "device")
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    values = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+              if k not in TRAINER_ONLY_KEYS}
+    return TrainerConfig(**values)
+
+
+def optimizer_kwargs(cfg: DictConfig) -> tuple[str, dict, dict | None]:
+    hparams = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    name = hparams.pop("name")
+    lookahead = OmegaConf.to_container(cfg.lookahead, resolve=True)
+    lookahead = None if lookahead.pop("name") == "none" else lookahead
+    return name, hparams, lookahead
+
+
+def build_accelerator(precision: str, device: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType  # noqa: F401  (imported for the refusal check)
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    return Accelerator(mixed_precision="bf16" if precision == "amp_bf16" else "no", cpu=device == "cpu",
+                       step_scheduler_with_optimizer=False)
+
+
+def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision: str, device) -> None:
+    """Refuse a model too large for the device before allocating it."""
+    from llmopt.metrics.throughput import device_memory_bytes
+
+    need = estimate_train_bytes(counts, optimizer, "ema_nesterov" if lookahead else None, precision)
+    have = device_memory_bytes(device)
+    if need is not None and have is not None and need > 0.95 * have:
+        raise MemoryError(
+            f"weights + gradients + {optimizer} state need about {need / 1e9:.1f} GB in {precision} "
+            f"before any activation ({counts['total'] / 1e6:.0f}M parameters), but the device has "
+            f"{have / 1e9:.1f} GB. Use a smaller model flavor, trainer.precision=bf16_pure, a "
+            "lighter optimizer, or more devices.")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    from accelerate.utils import DistributedType
+
+    from llmopt.data import build_data
+    from llmopt.metrics.loggers import build_loggers
+
+    # -- validate ---------------------------------------------------------------------------------
+    tcfg = trainer_config(cfg)
+    opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
+    accelerator = build_accelerator(tcfg.precision, cfg.trainer.device)
+    tcfg.accumulation(accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
+        raise ValueError(f"optimizer {opt_name!r} needs whole rows or tensors, which FSDP shards; run it "
+                         "with DDP (accelerate config configs/accelerate/ddp.yaml)")
+    model_config = llama_config(cfg.model.flavor, vocab_size=cfg.model.vocab_size,
+                                max_seq_len=max(2048, int(cfg.data.seq_len)))
+    counts = param_counts(model_config)
+    check_memory(counts, opt_name, lookahead, tcfg.precision, accelerator.device)
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=tcfg.micro_batch_size,
+                      rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed)
+    data.check_vocab(model_config.vocab_size)
+
+    # -- build --------------------------------------------------------------------------------------
+    dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
+    model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
+    optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
+    schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,
+                                         **OmegaConf.to_container(cfg.schedule, resolve=True))
+    loss_model = CausalLMLoss(model)
+    if cfg.trainer.compile:
+        loss_model = torch.compile(loss_model)
+    loss_model = accelerator.prepare_model(loss_model)
+    prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    loggers = build_loggers(run_dir, OmegaConf.to_container(cfg, resolve=True), accelerator.is_main_process,
+                            OmegaConf.to_container(cfg.logger.wandb, resolve=True))
+    fixed = {"model/params": counts["total"], "memory/paper_gb": _paper_gb(cfg.model.flavor, opt_name, lookahead)}
+    trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, loggers,
+                      flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
+                      peak_flops=_peak(accelerator.device), extra_metrics=fixed)
+    # -- train --------------------------------------------------------------------------------------
+    try:
+        summary = trainer.fit()
+    finally:
+        loggers.close()
+    summary.update({"run_dir": str(run_dir), "optimizer": opt_name, "lookahead": bool(lookahead),
+                    "flavor": cfg.model.flavor, "precision": tcfg.precision, "params": counts["total"],
+                    "optimizer_state_bytes": state_bytes(optimizer), **fixed})
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _paper_gb(flavor: str, optimizer: str, lookahead) -> float | None:
+    from llmopt.model import FLAVORS
+
+    if optimizer not in PAPER_STATE_ELEMENTS or FLAVORS[flavor].vocab != 32000:
+        return None
+    return paper_memory_gb(flavor, optimizer, "ema_nesterov" if lookahead else None)
+
+
+def _peak(device):
+    from llmopt.metrics.throughput import peak_flops
+    return peak_flops(device)
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates the run directory before the job starts; a refused run leaves nothing behind."""
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+
+
+def format_summary(summary: dict) -> str:
+    rows = [("run", summary.get("run_dir")), ("optimizer", summary.get("optimizer")
+                                               + (" + ema_nesterov" if summary.get("lookahead") else "")),
+            ("model", f"{summary.get('flavor')} ({summary.get('params', 0) / 1e6:.2f}M params)"),
+            ("steps", f"{summary.get('step')} / {summary.get('updates_planned')}"),
+            ("tokens seen (non-pad)", f"{summary.get('tokens_seen', 0):,}")]
+    if "eval/loss" in summary:
+        rows += [("eval loss (token-weighted)", f"{summary['eval/loss']:.4f}  ppl {summary['eval/ppl']:.2f}"),
+                 ("eval loss (paper-compatible)",
+                  f"{summary['eval/paper_loss']:.4f}  ppl {summary['eval/paper_ppl']:.2f}")]
+    rows.append(("optimizer state (measured)", f"{summary.get('optimizer_state_bytes', 0) / 1e6:.2f} MB"))
+    if summary.get("memory/paper_gb") is not None:
+        rows.append(("weights+state (paper accounting)", f"{summary['memory/paper_gb']:.2f} GB"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,241 @@
+"""The training loop: one optimizer step = accumulate micro-batches, step, schedule, log, evaluate.
+
+Loss normalization: the loss of a step is the sum of token losses over every micro-batch of every
+rank divided by the global number of target tokens, so accumulation and DDP give the same update as
+one big batch. Each rank backpropagates sum_r * world_size / N_global (DDP averages over ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.metrics.throughput import peak_memory_bytes
+
+PRECISIONS = ("bf16_pure", "amp_bf16", "fp32")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 200                 # schedule length (the reference-quirks schedule makes steps + 1 updates)
+    global_batch_size: int = 32      # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8        # sequences per forward/backward on one rank
+    precision: str = "fp32"
+    grad_clip: float = 0.0           # 0: off
+    eval_every: int = 100
+    eval_batch_size: int | None = None
+    log_every: int = 10
+    nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
+
+    def accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
+                             f"micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
+                             "change one of them")
+        return self.global_batch_size // per_step
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        if self.eval_every <= 0:
+            raise ValueError(f"eval_every must be > 0 (steps between evaluations), got {self.eval_every}")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be > 0, got {self.log_every}")
+        if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
+            raise ValueError("micro_batch_size and global_batch_size must be > 0")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract."""
+
+    def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
+                 loggers, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 extra_metrics=None, diagnostics=None, checkpointer=None, stop_flag=None):
+        self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
+        self.data, self.accelerator, self.config, self.loggers = data, accelerator, config, loggers
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.extra_metrics = extra_metrics or {}   # constant metrics logged with the first step
+        self.diagnostics, self.checkpointer = diagnostics, checkpointer
+        self.stop_flag = stop_flag                 # a callable: True once a preemption signal arrived
+        self.accumulation = config.accumulation(accelerator.num_processes)
+        self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        self.step = 0              # optimizer updates done
+        # non-pad input tokens over all ranks, kept on the device: read back only when logged
+        self._tokens_seen = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        self.skipped_steps = 0
+        self.train_iter = iter(data.train)
+        self.last_eval: dict = {}
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        device = self.accelerator.device
+        batches = [{k: v.to(device, non_blocking=True) for k, v in next(self.train_iter).items()}
+                   for _ in range(self.accumulation)]
+        counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).sum()
+        inputs = torch.stack([b["attention_mask"].sum() for b in batches]).sum()
+        totals = self.accelerator.reduce(torch.stack([counts, inputs]).float(), reduction="sum")
+        target_tokens = totals[0].clamp_min(1)
+        scale = self.accelerator.num_processes / target_tokens
+
+        if hasattr(self.raw_optimizer, "pre_forward"):   # EMA-Nesterov: once per step, not per micro-batch
+            self.raw_optimizer.pre_forward()
+        self.model.train()
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync, self.accelerator.autocast():
+                micro_loss, _ = self.model(batch["input_ids"], batch["labels"])
+                self.accelerator.backward(micro_loss * scale)
+            loss_sum += micro_loss.detach()
+
+        grad_norm = None
+        if self.config.grad_clip > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        loss = self.accelerator.reduce(loss_sum, reduction="sum") / target_tokens
+        if not self._finite(loss, grad_norm):
+            return {"loss": loss, "grad_norm": grad_norm, "skipped": True}
+        if self.diagnostics is not None:
+            self.diagnostics.before_step(self.step)
+        self.optimizer.step()
+        if self.diagnostics is not None:
+            self.diagnostics.after_step(self.step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._tokens_seen += totals[1].double()
+        return {"loss": loss, "grad_norm": grad_norm, "input_tokens": totals[1], "skipped": False}
+
+    def _finite(self, loss: torch.Tensor, grad_norm) -> bool:
+        """NaN/Inf guard; costs a host sync, so it runs at log steps and wherever nonfinite='skip'."""
+        if self.config.nonfinite == "stop" and not self._log_due():
+            return True
+        bad = not torch.isfinite(loss).item() or (grad_norm is not None and not torch.isfinite(grad_norm).item())
+        if not bad:
+            return True
+        if self.config.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient at step {self.step} (loss={loss.item()}); "
+                                 "the last checkpoint is intact. Lower the learning rate, enable grad_clip, "
+                                 "or set trainer.nonfinite=skip to skip such steps.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        return False
+
+    def _log_due(self) -> bool:
+        return (self.step + 1) % self.config.log_every == 0 or self.step + 1 == self.schedule.num_updates
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self._tokens_seen.item())
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self._tokens_seen.fill_(value)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted loss (exact) and the reference code's paper-compatible loss.
+
+        Paper-compatible: each rank divides the sum of its per-batch mean losses by (batches + 1), the
+        reference's off-by-one batch counter; the ranks' figures are then averaged.
+        """
+        self.model.eval()
+        device = self.accelerator.device
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
+        batches = 0
+        batch_size = self.config.eval_batch_size or self.config.micro_batch_size
+        for batch in self.data.eval_batches(batch_size):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with self.accelerator.autocast():
+                loss_sum, count = self.model(batch["input_ids"], batch["labels"])
+            sums += torch.stack([loss_sum.double(), count.double(), (loss_sum / count.clamp_min(1)).double()])
+            batches += 1
+        paper_rank = sums[2] / (batches + 1)
+        totals = self.accelerator.reduce(torch.stack([sums[0], sums[1], paper_rank]), reduction="sum")
+        loss = (totals[0] / totals[1].clamp_min(1)).item()
+        paper_loss = (totals[2] / self.accelerator.num_processes).item()
+        self.model.train()
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": int(totals[1].item()),
+                "eval/paper_loss": paper_loss, "eval/paper_ppl": math.exp(min(paper_loss, 50.0))}
+
+    # -- the run ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, schedule = self.config, self.schedule
+        slots_per_step = cfg.global_batch_size * self._seq_len()
+        t_last, step_last = time.perf_counter(), self.step
+        progress = self._progress_bar()
+        while self.step < schedule.num_updates:
+            if self.stop_flag is not None and self.stop_flag():
+                break
+            out = self.train_step()
+            if out["skipped"]:
+                continue
+            metrics = {}
+            if self._log_due_after():
+                elapsed = time.perf_counter() - t_last
+                steps_done = self.step - step_last
+                slots_per_s = slots_per_step * steps_done / max(elapsed, 1e-9)
+                metrics = {"train/loss": out["loss"].item(), "train/lr": self.scheduler.get_last_lr()[0],
+                           "train/tokens": self.tokens_seen, "perf/token_slots_per_s": slots_per_s,
+                           "perf/step_time_s": elapsed / max(steps_done, 1),
+                           "perf/peak_memory_gb": peak_memory_bytes(self.accelerator.device) / 1e9}
+                if out["grad_norm"] is not None:
+                    metrics["train/grad_norm"] = float(out["grad_norm"])
+                else:
+                    metrics["train/grad_norm"] = self._grad_norm_from_diagnostics()
+                if self.flops_per_token and self.peak_flops:
+                    metrics["perf/mfu"] = slots_per_s * self.flops_per_token / (
+                        self.peak_flops * self.accelerator.num_processes)
+                if self.skipped_steps:
+                    metrics["train/skipped_steps"] = self.skipped_steps
+                if step_last == 0:
+                    metrics.update(self.extra_metrics)
+                t_last, step_last = time.perf_counter(), self.step
+                if progress is not None:
+                    progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
+                                         tok_s=f"{slots_per_s:,.0f}")
+            if self.diagnostics is not None and self.diagnostics.due(self.step):
+                metrics.update(self.diagnostics.collect())
+            if self.step % cfg.eval_every == 0 or self.step == schedule.num_updates:
+                self.last_eval = self.evaluate()
+                metrics.update(self.last_eval)
+            if metrics:
+                self.loggers.log(metrics, step=self.step)
+            if self.checkpointer is not None:
+                self.checkpointer.maybe_save(self)
+            if progress is not None:
+                progress.update(1)
+        if progress is not None:
+            progress.close()
+        return self.summary()
+
+    def _log_due_after(self) -> bool:
+        return self.step % self.config.log_every == 0 or self.step == self.schedule.num_updates
+
+    def _grad_norm_from_diagnostics(self):
+        return None
+
+    def _seq_len(self) -> int:
+        return int(getattr(self.data, "seq_len", 0)) or 1
+
+    def _progress_bar(self):
+        if not self.accelerator.is_main_process:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=self.schedule.num_updates, initial=self.step, desc="train", dynamic_ncols=True)
+
+    def summary(self) -> dict:
+        return {"step": self.step, "updates_planned": self.schedule.num_updates, "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped_steps, **self.last_eval}

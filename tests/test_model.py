@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from llmopt.model import FLAVORS, build_model, flops_per_token, llama_config, param_counts
+
+# protocol.md section 1: total and attention+MLP parameters of the config files
+PUBLISHED = {"60m": (58.07, 25.30), "130m": (134.11, 84.93), "350m": (367.97, 302.38),
+             "1b": (1339.08, 1207.91), "7b": (6738.42, 6476.01)}
+
+
+@pytest.mark.parametrize("flavor", sorted(PUBLISHED))
+def test_parameter_counts_match_the_protocol(flavor):
+    counts = param_counts(llama_config(flavor))  # meta device: nothing allocated
+    total, attn_mlp = PUBLISHED[flavor]
+    assert round(counts["total"] / 1e6, 2) == total
+    assert round(counts["attn_mlp"] / 1e6, 2) == attn_mlp
+    assert counts["embedding"] == counts["output"] == 32000 * FLAVORS[flavor].hidden
+
+
+def test_config_is_the_protocols_llama():
+    c = llama_config("1b")
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers) == (2048, 5461, 32, 24)
+    assert c.tie_word_embeddings is False and c.rms_norm_eps == 1e-6 and c.initializer_range == 0.02
+    assert c.vocab_size == 32000 and c.hidden_act == "silu" and not c.attention_bias and not c.mlp_bias
+    assert c.rope_parameters["rope_theta"] == 10000.0
+
+
+def test_build_model_is_seeded_and_untied():
+    a = build_model(llama_config("micro"), seed=3)
+    b = build_model(llama_config("micro"), seed=3)
+    c = build_model(llama_config("micro"), seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert a.lm_head.weight.data_ptr() != a.model.embed_tokens.weight.data_ptr()
+    assert abs(a.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.004
+
+
+def test_flops_per_token_follows_the_protocol_formula():
+    c = llama_config("60m")
+    n = param_counts(c)
+    expected = 6 * (n["total"] - n["embedding"]) + 6 * 8 * 8 * 64 * 256
+    assert flops_per_token(c, 256) == expected
+
+
+def test_unknown_flavor_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown model flavor '3b'.*60m"):
+        llama_config("3b")
