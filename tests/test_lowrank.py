@@ -57,7 +57,11 @@ def test_groups_roles_and_protocol_defaults(method):
         assert key not in low
     for g in opt.param_groups[1:]:
         assert "rank" not in g and g["lr"] == 0.01 and g["eps"] == 1e-8
-    assert opt.adamw is not None and all(g in opt.param_groups for g in opt.adamw.param_groups)
+    assert opt.adamw is not None
+    roles = classify_parameters(model)
+    names = [g["param_names"] for g in opt.state_dict()["param_groups"]]
+    assert names == [roles.names(r) for r in ("matrix", *PLAIN_ROLES)]
+    assert [id(g) for g in opt.param_groups] == [id(g) for g in opt.lowrank.param_groups + opt.adamw.param_groups]
 
 
 @pytest.mark.parametrize("method", LOWRANK_METHODS)
@@ -234,6 +238,11 @@ def test_missing_package_says_how_to_install(method, module, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'llmopt\[baselines\]'"):
         build_lowrank(method, roles)
+
+
+def test_non_int_rank_is_a_type_error():
+    with pytest.raises(TypeError, match="rank must be an int"):
+        build_lowrank("galore", classify_parameters(_model()), rank=1.5)
 
 
 def test_state_elements_bad_inputs():

@@ -68,7 +68,7 @@ def test_pure_bf16_parameters_step(name):
     before = copy.deepcopy(model)
     opt = make(name, model)
     train(model, opt, random_batches(3))
-    for p, q in zip(model.parameters(), before.parameters()):
+    for p in model.parameters():
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
     for state in opt.state.values():

@@ -177,8 +177,11 @@ class LowRankAdamW(torch.optim.Optimizer):
     ``param_groups`` is the low-rank optimizer's groups followed by the AdamW groups -- the same dict
     objects, so LR schedulers and ``group["lr"] = ...`` reach both; ``state`` is one mapping shared by
     the three. ``step`` steps both. ``state_dict``/``load_state_dict`` use the standard torch layout with
-    the projectors stored as tensors/ints (module docstring, "Checkpoints"), plus ``"lowrank_method"``.
-    Attributes: ``method``, ``lowrank`` (the package optimizer), ``adamw`` (torch AdamW or None).
+    the projectors stored as tensors/ints (module docstring, "Checkpoints"), plus ``"lowrank_method"``;
+    each group carries ``"param_names"`` (torch's named-parameter groups).
+    Attributes: ``method``, ``lowrank`` (the package optimizer), ``adamw`` (torch AdamW or None). Their
+    ``state`` is this optimizer's (shared), so checkpoint through this optimizer: ``lowrank.state_dict()``
+    or ``adamw.state_dict()`` alone would meet the other's parameters in the state and fail.
     """
 
     def __init__(self, method: str, lowrank: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None):
@@ -294,7 +297,7 @@ def build_lowrank(method: str, roles, *, lr: float = 0.01, rank: int | None = No
     hp = _resolve(method, rank, scale, alpha, proj, scale_type)
     r = hp["rank"]
     if isinstance(r, bool) or not isinstance(r, int):
-        raise ValueError(f"rank must be an int >= 1, got {r!r}")
+        raise TypeError(f"rank must be an int >= 1, got {r!r}")
     if r < 1:
         raise ValueError(f"rank must be >= 1, got {r}")
     if not lr >= 0.0:
@@ -319,7 +322,10 @@ def build_lowrank(method: str, roles, *, lr: float = 0.01, rank: int | None = No
     if "proj" in hp and hp["proj"] not in ("random", "svd"):
         raise ValueError(f"proj must be 'random' or 'svd', got {hp['proj']!r}")
 
-    matrices = roles.params("matrix")
+    def named(role):  # (name, param) pairs: torch stores the names as the group's "param_names"
+        return list(zip(roles.names(role), roles.params(role), strict=True))
+
+    matrices = named("matrix")
     if not matrices:
         raise ValueError(f"{method!r} needs 'matrix' parameters to project; the roles have none")
     cls = _import_optimizer_class(method)
@@ -331,7 +337,7 @@ def build_lowrank(method: str, roles, *, lr: float = 0.01, rank: int | None = No
     kwargs: dict[str, Any] = {"correct_bias": True, "no_deprecation_warning": True}
     lowrank = cls([lowrank_group], **common, **kwargs)
 
-    plain = [{"params": roles.params(role), "role": role} for role in _ROLES_PLAIN if roles.params(role)]
+    plain = [{"params": named(role), "role": role} for role in _ROLES_PLAIN if roles.params(role)]
     adamw = torch.optim.AdamW(plain, **common) if plain else None
     return LowRankAdamW(method, lowrank, adamw)
 

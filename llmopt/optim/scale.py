@@ -28,8 +28,13 @@ import math
 
 import torch
 
-from llmopt.optim.common import (check_choice, check_nonnegative, check_unit_interval, newton_schulz,
-                                 role_groups)
+from llmopt.optim.common import (
+    check_choice,
+    check_nonnegative,
+    check_unit_interval,
+    newton_schulz,
+    role_groups,
+)
 
 NORMALIZATIONS = ("column", "row", "sign", "spectral", "none")
 MOMENTUM_ON = ("output", "all", "none")

@@ -47,13 +47,15 @@ class SGDLL(torch.optim.Optimizer):
                     state["rms_clip_count"] = torch.zeros((), device=p.device)
                 m = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
                 update = m
+                # clip factors in at least fp32 (bf16 norms are too coarse), fp64 stays fp64
+                stat_dtype = torch.promote_types(m.dtype, torch.float32)
                 if clip_rows:
-                    row_norm = m.norm(dim=1, keepdim=True, dtype=torch.float32)
+                    row_norm = m.norm(dim=1, keepdim=True, dtype=stat_dtype)
                     factor = (delta / row_norm).clamp_(max=1.0)  # inf (zero rows) -> 1
                     state["row_clip_fraction"] = (factor < 1).float().mean()
                     update = m * factor.to(m.dtype)
                 if tau is not None:
-                    rms = update.float().square().mean().sqrt()
+                    rms = update.to(stat_dtype).square().mean().sqrt()
                     factor = (tau / (lr * rms)).clamp(max=1.0) if lr > 0 else torch.ones_like(rms)
                     fired = (factor < 1).float()
                     state["rms_clipped"] = fired

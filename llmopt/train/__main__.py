@@ -14,7 +14,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    from llmopt.train.run import format_summary, remove_if_empty, run
+    from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_empty, run
+    from llmopt.train.trainer import NonFiniteError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -23,7 +24,13 @@ def main(cfg: DictConfig) -> None:
         remove_if_empty(run_dir)
         print(f"llmopt: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as err:
+        print(f"llmopt: stopped: {err}", file=sys.stderr)
+        sys.exit(3)
     print("\n" + format_summary(summary))
+    if summary.get("preempted"):
+        print(f"preempted: checkpoint written; exiting with {PREEMPTED_EXIT_CODE} so the job is requeued")
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ from llmopt.model import build_model, flops_per_token, llama_config, param_count
 from llmopt.model.loss import CausalLMLoss
 from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
+from llmopt.train.checkpoint import Checkpointer, export_hf
 from llmopt.train.schedule import build_schedule
 from llmopt.train.trainer import Trainer, TrainerConfig
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the sbatch templates requeue the job on it
 
 log = logging.getLogger("llmopt")
 
@@ -107,16 +110,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    checkpointer = Checkpointer(cfg.checkpoint.dir, accelerator, every=cfg.checkpoint.every,
+                                keep=cfg.checkpoint.keep,
+                                sharded=accelerator.distributed_type == DistributedType.FSDP)
+    diagnostics = None
+    if cfg.diagnostics.every:
+        from llmopt.metrics.diagnostics import Diagnostics
+        diagnostics = Diagnostics(model, optimizer, every=cfg.diagnostics.every,
+                                  init_device=cfg.diagnostics.init_device)
     loggers = build_loggers(run_dir, OmegaConf.to_container(cfg, resolve=True), accelerator.is_main_process,
                             OmegaConf.to_container(cfg.logger.wandb, resolve=True))
     fixed = {"model/params": counts["total"], "memory/paper_gb": _paper_gb(cfg.model.flavor, opt_name, lookahead)}
     trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, loggers,
                       flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
-                      peak_flops=_peak(accelerator.device), extra_metrics=fixed)
+                      peak_flops=_peak(accelerator.device), extra_metrics=fixed, diagnostics=diagnostics,
+                      checkpointer=checkpointer, stop_requested=stop_signal.requested)
+    resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
+    if resume_from is not None:
+        checkpointer.load(trainer, resume_from)
     # -- train --------------------------------------------------------------------------------------
+    stop_signal.install()
     try:
         summary = trainer.fit()
+        checkpointer.save(trainer)
+        if cfg.checkpoint.export_hf and not trainer.preempted and accelerator.is_main_process:
+            export_hf(accelerator.unwrap_model(loss_model).lm, run_dir / "hf_model")
     finally:
+        stop_signal.uninstall()
         loggers.close()
     summary.update({"run_dir": str(run_dir), "optimizer": opt_name, "lookahead": bool(lookahead),
                     "flavor": cfg.model.flavor, "precision": tcfg.precision, "params": counts["total"],
@@ -124,6 +144,55 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
+    if resume in (None, "none"):
+        return None
+    if resume == "auto":
+        return checkpointer.latest_valid()
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint.resume={resume!r} is not a directory; give a step_XXXXXXXX directory, "
+                         "auto or none")
+    return path
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the loop to stop at the next step
+    boundary; the run then checkpoints and exits with PREEMPTED_EXIT_CODE."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        self.received = signal.Signals(signum).name
+        log.warning("received %s: stopping after the current step to checkpoint", self.received)
+
+    def install(self) -> None:
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            if hasattr(signal, name):
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous.clear()
+
+
+stop_signal = StopSignal()
 
 
 def _paper_gb(flavor: str, optimizer: str, lookahead) -> float | None:

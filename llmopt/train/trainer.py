@@ -3,6 +3,9 @@
 Loss normalization: the loss of a step is the sum of token losses over every micro-batch of every
 rank divided by the global number of target tokens, so accumulation and DDP give the same update as
 one big batch. Each rank backpropagates sum_r * world_size / N_global (DDP averages over ranks).
+
+Host syncs happen only at log, eval and checkpoint steps: losses, token counts and gradient norms
+stay on the device in between.
 """
 
 from __future__ import annotations
@@ -31,14 +34,6 @@ class TrainerConfig:
     log_every: int = 10
     nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
 
-    def accumulation(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
-                             f"micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
-                             "change one of them")
-        return self.global_batch_size // per_step
-
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
@@ -51,6 +46,14 @@ class TrainerConfig:
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
 
+    def accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
+                             f"micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
+                             "change one of them")
+        return self.global_batch_size // per_step
+
 
 class NonFiniteError(RuntimeError):
     pass
@@ -61,79 +64,22 @@ class Trainer:
 
     def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
                  loggers, flops_per_token: float | None = None, peak_flops: float | None = None,
-                 extra_metrics=None, diagnostics=None, checkpointer=None, stop_flag=None):
+                 extra_metrics: dict | None = None, diagnostics=None, checkpointer=None, stop_requested=None):
         self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
         self.data, self.accelerator, self.config, self.loggers = data, accelerator, config, loggers
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.extra_metrics = extra_metrics or {}   # constant metrics logged with the first step
+        self.extra_metrics = extra_metrics or {}   # constant facts, logged with the first record
         self.diagnostics, self.checkpointer = diagnostics, checkpointer
-        self.stop_flag = stop_flag                 # a callable: True once a preemption signal arrived
+        self.stop_requested = stop_requested or (lambda: False)   # True once a preemption signal arrived
         self.accumulation = config.accumulation(accelerator.num_processes)
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
         self.step = 0              # optimizer updates done
+        self.skipped_steps = 0
+        self.preempted = False
+        self.last_eval: dict = {}
         # non-pad input tokens over all ranks, kept on the device: read back only when logged
         self._tokens_seen = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        self.skipped_steps = 0
         self.train_iter = iter(data.train)
-        self.last_eval: dict = {}
-
-    # -- one optimizer step -------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        device = self.accelerator.device
-        batches = [{k: v.to(device, non_blocking=True) for k, v in next(self.train_iter).items()}
-                   for _ in range(self.accumulation)]
-        counts = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).sum()
-        inputs = torch.stack([b["attention_mask"].sum() for b in batches]).sum()
-        totals = self.accelerator.reduce(torch.stack([counts, inputs]).float(), reduction="sum")
-        target_tokens = totals[0].clamp_min(1)
-        scale = self.accelerator.num_processes / target_tokens
-
-        if hasattr(self.raw_optimizer, "pre_forward"):   # EMA-Nesterov: once per step, not per micro-batch
-            self.raw_optimizer.pre_forward()
-        self.model.train()
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-            with sync, self.accelerator.autocast():
-                micro_loss, _ = self.model(batch["input_ids"], batch["labels"])
-                self.accelerator.backward(micro_loss * scale)
-            loss_sum += micro_loss.detach()
-
-        grad_norm = None
-        if self.config.grad_clip > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        loss = self.accelerator.reduce(loss_sum, reduction="sum") / target_tokens
-        if not self._finite(loss, grad_norm):
-            return {"loss": loss, "grad_norm": grad_norm, "skipped": True}
-        if self.diagnostics is not None:
-            self.diagnostics.before_step(self.step)
-        self.optimizer.step()
-        if self.diagnostics is not None:
-            self.diagnostics.after_step(self.step)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self._tokens_seen += totals[1].double()
-        return {"loss": loss, "grad_norm": grad_norm, "input_tokens": totals[1], "skipped": False}
-
-    def _finite(self, loss: torch.Tensor, grad_norm) -> bool:
-        """NaN/Inf guard; costs a host sync, so it runs at log steps and wherever nonfinite='skip'."""
-        if self.config.nonfinite == "stop" and not self._log_due():
-            return True
-        bad = not torch.isfinite(loss).item() or (grad_norm is not None and not torch.isfinite(grad_norm).item())
-        if not bad:
-            return True
-        if self.config.nonfinite == "stop":
-            raise NonFiniteError(f"non-finite loss or gradient at step {self.step} (loss={loss.item()}); "
-                                 "the last checkpoint is intact. Lower the learning rate, enable grad_clip, "
-                                 "or set trainer.nonfinite=skip to skip such steps.")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
-        return False
-
-    def _log_due(self) -> bool:
-        return (self.step + 1) % self.config.log_every == 0 or self.step + 1 == self.schedule.num_updates
 
     @property
     def tokens_seen(self) -> int:
@@ -142,6 +88,64 @@ class Trainer:
     @tokens_seen.setter
     def tokens_seen(self, value: int) -> None:
         self._tokens_seen.fill_(value)
+
+    def _due(self, every: int, step: int) -> bool:
+        """Whether completed-step count `step` is a multiple of `every` or the last one."""
+        return step % every == 0 or step == self.schedule.num_updates
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        acc, device = self.accelerator, self.accelerator.device
+        logging_now = self._due(self.config.log_every, self.step + 1)
+        batches = [{k: v.to(device, non_blocking=True) for k, v in next(self.train_iter).items()}
+                   for _ in range(self.accumulation)]
+        counts = torch.stack([torch.stack([(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()])
+                              for b in batches]).sum(0)
+        totals = acc.reduce(counts.double(), reduction="sum")   # [target tokens, input tokens], all ranks
+        target_tokens = totals[0].clamp_min(1)
+        scale = acc.num_processes / target_tokens
+
+        if hasattr(self.raw_optimizer, "pre_forward"):   # EMA-Nesterov: once per step, not per micro-batch
+            self.raw_optimizer.pre_forward()
+        self.model.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
+                micro_loss, _ = self.model(batch["input_ids"], batch["labels"])
+                acc.backward(micro_loss * scale.to(micro_loss.dtype))
+            loss_sum += micro_loss.detach().double()
+        loss = acc.reduce(loss_sum, reduction="sum") / target_tokens
+
+        grad_norm = None
+        if self.config.grad_clip > 0 or logging_now:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        if (logging_now or self.config.nonfinite == "skip") and not self._finite(loss, grad_norm):
+            return {"skipped": True}
+        if self.diagnostics is not None:
+            self.diagnostics.before_step(self.step)
+        self.optimizer.step()
+        if self.diagnostics is not None:
+            self.diagnostics.after_step(self.step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._tokens_seen += totals[1]
+        return {"skipped": False, "loss": loss, "grad_norm": grad_norm}
+
+    def _finite(self, loss: torch.Tensor, grad_norm) -> bool:
+        bad = not torch.isfinite(loss).item() or (grad_norm is not None and not torch.isfinite(grad_norm).item())
+        if not bad:
+            return True
+        if self.config.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient at step {self.step + 1} (loss={loss.item()}); "
+                                 "nothing was updated and the last checkpoint is intact. Lower the learning "
+                                 "rate, set trainer.grad_clip, or set trainer.nonfinite=skip to skip such steps.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        if self.skipped_steps > 100:
+            raise NonFiniteError("more than 100 steps skipped for non-finite values; the run has diverged")
+        return False
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -152,90 +156,90 @@ class Trainer:
         reference's off-by-one batch counter; the ranks' figures are then averaged.
         """
         self.model.eval()
-        device = self.accelerator.device
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
+        acc = self.accelerator
+        sums = torch.zeros(3, device=acc.device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
         batches = 0
-        batch_size = self.config.eval_batch_size or self.config.micro_batch_size
-        for batch in self.data.eval_batches(batch_size):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with self.accelerator.autocast():
+        for batch in self.data.eval_batches(self.config.eval_batch_size or self.config.micro_batch_size):
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            with acc.autocast():
                 loss_sum, count = self.model(batch["input_ids"], batch["labels"])
-            sums += torch.stack([loss_sum.double(), count.double(), (loss_sum / count.clamp_min(1)).double()])
+            loss_sum, count = loss_sum.double(), count.double()
+            sums += torch.stack([loss_sum, count, loss_sum / count.clamp_min(1)])
             batches += 1
         paper_rank = sums[2] / (batches + 1)
-        totals = self.accelerator.reduce(torch.stack([sums[0], sums[1], paper_rank]), reduction="sum")
-        loss = (totals[0] / totals[1].clamp_min(1)).item()
-        paper_loss = (totals[2] / self.accelerator.num_processes).item()
+        totals = acc.reduce(torch.stack([sums[0], sums[1], paper_rank]), reduction="sum").tolist()
+        loss = totals[0] / max(totals[1], 1.0)
+        paper_loss = totals[2] / acc.num_processes
         self.model.train()
-        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": int(totals[1].item()),
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": int(totals[1]),
                 "eval/paper_loss": paper_loss, "eval/paper_ppl": math.exp(min(paper_loss, 50.0))}
 
     # -- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, schedule = self.config, self.schedule
-        slots_per_step = cfg.global_batch_size * self._seq_len()
-        t_last, step_last = time.perf_counter(), self.step
+        cfg, acc = self.config, self.accelerator
+        slots_per_step = cfg.global_batch_size * int(self.data.seq_len)
         progress = self._progress_bar()
-        while self.step < schedule.num_updates:
-            if self.stop_flag is not None and self.stop_flag():
+        t_last, step_last, first_record = time.perf_counter(), self.step, True
+        while self.step < self.schedule.num_updates:
+            if self._stop_now():
+                self.preempted = True
                 break
             out = self.train_step()
             if out["skipped"]:
                 continue
             metrics = {}
-            if self._log_due_after():
+            if self._due(cfg.log_every, self.step):
                 elapsed = time.perf_counter() - t_last
-                steps_done = self.step - step_last
-                slots_per_s = slots_per_step * steps_done / max(elapsed, 1e-9)
+                steps = self.step - step_last
+                slots_per_s = slots_per_step * steps / max(elapsed, 1e-9)
                 metrics = {"train/loss": out["loss"].item(), "train/lr": self.scheduler.get_last_lr()[0],
-                           "train/tokens": self.tokens_seen, "perf/token_slots_per_s": slots_per_s,
-                           "perf/step_time_s": elapsed / max(steps_done, 1),
-                           "perf/peak_memory_gb": peak_memory_bytes(self.accelerator.device) / 1e9}
-                if out["grad_norm"] is not None:
-                    metrics["train/grad_norm"] = float(out["grad_norm"])
-                else:
-                    metrics["train/grad_norm"] = self._grad_norm_from_diagnostics()
+                           "train/grad_norm": out["grad_norm"].item(), "train/tokens": self.tokens_seen,
+                           "perf/token_slots_per_s": slots_per_s, "perf/step_time_s": elapsed / steps,
+                           "perf/peak_memory_gb": peak_memory_bytes(acc.device) / 1e9}
                 if self.flops_per_token and self.peak_flops:
-                    metrics["perf/mfu"] = slots_per_s * self.flops_per_token / (
-                        self.peak_flops * self.accelerator.num_processes)
+                    metrics["perf/mfu"] = slots_per_s * self.flops_per_token / (self.peak_flops * acc.num_processes)
                 if self.skipped_steps:
                     metrics["train/skipped_steps"] = self.skipped_steps
-                if step_last == 0:
+                if first_record:
                     metrics.update(self.extra_metrics)
-                t_last, step_last = time.perf_counter(), self.step
+                    first_record = False
+                if self.diagnostics is not None:
+                    self.diagnostics.observe_loss(metrics["train/loss"])
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}",
-                                         tok_s=f"{slots_per_s:,.0f}")
+                                         tok_s=f"{slots_per_s:,.0f}", refresh=False)
+                t_last, step_last = time.perf_counter(), self.step
             if self.diagnostics is not None and self.diagnostics.due(self.step):
                 metrics.update(self.diagnostics.collect())
-            if self.step % cfg.eval_every == 0 or self.step == schedule.num_updates:
+            if self._due(cfg.eval_every, self.step):
                 self.last_eval = self.evaluate()
                 metrics.update(self.last_eval)
             if metrics:
                 self.loggers.log(metrics, step=self.step)
-            if self.checkpointer is not None:
+            if self.checkpointer is not None and self.step < self.schedule.num_updates:
                 self.checkpointer.maybe_save(self)
             if progress is not None:
-                progress.update(1)
+                progress.update(self.step - progress.n)
         if progress is not None:
             progress.close()
         return self.summary()
 
-    def _log_due_after(self) -> bool:
-        return self.step % self.config.log_every == 0 or self.step == self.schedule.num_updates
-
-    def _grad_norm_from_diagnostics(self):
-        return None
-
-    def _seq_len(self) -> int:
-        return int(getattr(self.data, "seq_len", 0)) or 1
+    def _stop_now(self) -> bool:
+        """A preemption signal stops every rank at the same step boundary."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested()
+        if self.step % self.config.log_every:
+            return False
+        flag = torch.tensor(float(self.stop_requested()), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _progress_bar(self):
         if not self.accelerator.is_main_process:
             return None
         from tqdm.auto import tqdm
-        return tqdm(total=self.schedule.num_updates, initial=self.step, desc="train", dynamic_ncols=True)
+        return tqdm(total=self.schedule.num_updates, initial=self.step, desc="train", dynamic_ncols=True,
+                    mininterval=2.0)
 
     def summary(self) -> dict:
         return {"step": self.step, "updates_planned": self.schedule.num_updates, "tokens_seen": self.tokens_seen,
-                "skipped_steps": self.skipped_steps, **self.last_eval}
+                "skipped_steps": self.skipped_steps, "preempted": self.preempted, **self.last_eval}

@@ -1,0 +1,186 @@
+"""Checkpoints that resume exactly, and survive preemption and crashes.
+
+Layout: <dir>/step_00001000/ with model.pt, optimizer.pt, trainer.pt (schedule, counters),
+rank<r>.pt (each rank's data-loader position and RNG states) and manifest.json, written last, with
+every file's size and CRC32. A checkpoint is written into a temporary directory and renamed into
+place, so a process killed mid-write leaves the previous checkpoints untouched; on load the
+manifest is checked and a truncated or corrupt checkpoint is skipped, with a warning, for the
+previous one. The last `keep` checkpoints are kept.
+
+Under DDP the replicas are identical, so rank 0 writes the model and optimizer; under FSDP every
+rank writes its own shard (model_rank<r>.pt, optimizer_rank<r>.pt) and resumes at the same world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("llmopt")
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def crc32(path: Path, chunk: int = 1 << 24) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, accelerator, every: int = 0, keep: int = 2, sharded: bool = False):
+        if every < 0 or keep < 1:
+            raise ValueError(f"checkpoint.every must be >= 0 (0 = only at the end and on preemption) and "
+                             f"checkpoint.keep >= 1, got every={every}, keep={keep}")
+        self.directory = Path(directory)
+        self.accelerator = accelerator
+        self.every, self.keep, self.sharded = every, keep, sharded
+
+    # -- writing -------------------------------------------------------------------------------------
+    def maybe_save(self, trainer) -> None:
+        if self.every and trainer.step % self.every == 0:
+            self.save(trainer)
+
+    def save(self, trainer) -> Path:
+        acc = self.accelerator
+        final = self.directory / f"step_{trainer.step:08d}"
+        tmp = self.directory / f".tmp_step_{trainer.step:08d}"
+        rank, main = acc.process_index, acc.is_main_process
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(trainer.model).lm  # the LlamaForCausalLM inside CausalLMLoss
+        if self.sharded:
+            torch.save(model.state_dict(), tmp / f"model_rank{rank}.pt")
+            torch.save(trainer.raw_optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
+        elif main:
+            torch.save(model.state_dict(), tmp / "model.pt")
+            torch.save(trainer.raw_optimizer.state_dict(), tmp / "optimizer.pt")
+        tokens_seen = trainer.tokens_seen  # a collective-free read, on every rank
+        torch.save({"data": trainer.data.train.state_dict(), "rng": rng_state()}, tmp / f"rank{rank}.pt")
+        if main:
+            torch.save({"step": trainer.step, "tokens_seen": tokens_seen, "skipped_steps": trainer.skipped_steps,
+                        "scheduler": trainer.scheduler.state_dict(), "last_eval": trainer.last_eval,
+                        "world_size": acc.num_processes}, tmp / "trainer.pt")
+        acc.wait_for_everyone()
+        if main:
+            files = {p.name: {"size": p.stat().st_size, "crc32": crc32(p)} for p in sorted(tmp.iterdir())}
+            (tmp / "manifest.json").write_text(json.dumps({"step": trainer.step, "files": files}, indent=1))
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if STEP_DIR.match(p.name))
+
+    @staticmethod
+    def verify(path: Path) -> str | None:
+        """None if the checkpoint is complete and intact, else what is wrong with it."""
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            return "no manifest (the write did not finish)"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (json.JSONDecodeError, KeyError) as err:
+            return f"unreadable manifest ({err})"
+        for name, meta in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != meta["size"]:
+                return f"{name} is truncated ({f.stat().st_size} of {meta['size']} bytes)"
+            if crc32(f) != meta["crc32"]:
+                return f"{name} is corrupt (CRC32 mismatch)"
+        return None
+
+    def latest_valid(self) -> Path | None:
+        for path in reversed(self.checkpoints()):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            log.warning("skipping checkpoint %s: %s", path, problem)
+        return None
+
+    def load(self, trainer, path: Path) -> None:
+        problem = self.verify(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} cannot be used: {problem}")
+        acc = self.accelerator
+        rank = acc.process_index
+        meta = torch.load(path / "trainer.pt", weights_only=False)
+        if self.sharded and meta["world_size"] != acc.num_processes:
+            raise ValueError(f"sharded checkpoint {path} was written by {meta['world_size']} processes; resume "
+                             f"it with the same number (now {acc.num_processes})")
+        model = acc.unwrap_model(trainer.model).lm
+        suffix = f"_rank{rank}" if self.sharded else ""
+        model.load_state_dict(torch.load(path / f"model{suffix}.pt", map_location=acc.device, weights_only=False))
+        trainer.raw_optimizer.load_state_dict(
+            torch.load(path / f"optimizer{suffix}.pt", map_location=acc.device, weights_only=False))
+        trainer.scheduler.load_state_dict(meta["scheduler"])
+        trainer.step, trainer.tokens_seen = meta["step"], meta["tokens_seen"]
+        trainer.skipped_steps, trainer.last_eval = meta["skipped_steps"], meta["last_eval"]
+        own = path / f"rank{rank}.pt"
+        if not own.is_file():
+            raise ValueError(f"checkpoint {path} has no data-loader state for rank {rank} (written by "
+                             f"{meta['world_size']} processes); resume with at most that many")
+        ranked = torch.load(own, weights_only=False)
+        trainer.data.train.load_state_dict(ranked["data"])
+        trainer.train_iter = iter(trainer.data.train)
+        set_rng_state(ranked["rng"])
+        log.info("resumed from %s (step %d)", path, trainer.step)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_hf(model, directory: str | Path) -> Path:
+    """The model as a Hugging Face directory that LlamaForCausalLM.from_pretrained loads."""
+    directory = Path(directory)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
