@@ -1,0 +1,175 @@
+"""The data config: one `configs/data/<name>.yaml`, resolved to a plain dict, checked once here.
+
+Keys (top level):
+  name            label used in logs and in the resume fingerprint
+  mode            "truncate_pad" (one document per sequence, the papers' protocol) or "packed"
+  seq_len         tokens per sequence (>= 2: a causal LM needs one input and one target)
+  tokenizer       a Hugging Face name ("t5-base"), a local path (SentencePiece .model, tokenizers .json,
+                  or a saved tokenizer directory; relative to data_dir), or "synthetic" (the offline corpus)
+  vocab_size      null = len(tokenizer); a smaller value cuts off added special tokens the text never needs
+                  (t5-base's 100 <extra_id_*> sentinels: 32100 -> 32000, the papers' model vocabulary)
+  train, eval     sources (below); eval is read whole-stream, never split across ranks
+  eval_tokens     the validation set: the first sequences of the eval stream holding at least this many
+                  non-pad tokens (10M in the protocol); null = the whole eval source
+  shuffle_seed    seed of the sources' shuffle; null = the run seed for train and 0 for eval
+  num_workers     tokenizer processes per rank (0 = tokenize in the calling thread)
+  on_bad_record   "skip" (count and warn) or "fail", for records that cannot be parsed
+  data_dir        base of relative paths; null = the project root (the directory holding pyproject.toml)
+  synthetic       parameters of the synthetic corpus (see llmopt.data.synthetic.SyntheticSpec)
+  chunk_docs      documents per tokenization task; prefetch: tasks in flight per worker
+  hub_timeout_s   how long to wait for the Hugging Face Hub before failing with a clear message
+
+A source is a mapping with `type`:
+  hub        path, name, split, text_field, shuffle_buffer     -> datasets.load_dataset(path, name, split=split,
+                                                                  streaming=True)
+  local      files (paths or globs), format (auto|json|text|parquet), text_field, text_unit
+             (line|paragraph|file, for plain text), shuffle_buffer
+  synthetic  split, num_docs, shuffle_buffer
+`shuffle_buffer` 0 keeps the stream's order; > 0 is datasets' `shuffle(seed, buffer_size)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODES = ("truncate_pad", "packed")
+BAD_RECORD_POLICIES = ("skip", "fail")
+FORMATS = ("auto", "json", "text", "parquet")
+TEXT_UNITS = ("line", "paragraph", "file")
+
+_SOURCE_KEYS = {
+    "hub": {"type", "path", "name", "split", "text_field", "shuffle_buffer"},
+    "local": {"type", "files", "format", "text_field", "text_unit", "shuffle_buffer"},
+    "synthetic": {"type", "split", "num_docs", "shuffle_buffer"},
+}
+_TOP_KEYS = {"name", "mode", "seq_len", "tokenizer", "vocab_size", "train", "eval", "eval_tokens", "shuffle_seed",
+             "num_workers", "on_bad_record", "data_dir", "synthetic", "chunk_docs", "prefetch", "hub_timeout_s"}
+_REQUIRED = ("mode", "seq_len", "tokenizer", "train", "eval")
+
+
+def project_root() -> Path:
+    """The directory holding pyproject.toml above this package (the checkout); else the working directory."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "pyproject.toml").is_file() and (parent / "llmopt").is_dir():
+            return parent
+    return Path.cwd()
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str
+    path: str | None = None          # hub
+    name: str | None = None          # hub config name ("en")
+    split: str = "train"             # hub, synthetic
+    files: tuple[str, ...] = ()      # local
+    format: str = "auto"             # local
+    text_field: str = "text"         # hub, local json/parquet
+    text_unit: str = "paragraph"     # local plain text
+    num_docs: int = 0                # synthetic
+    shuffle_buffer: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mode: str
+    seq_len: int
+    tokenizer: str
+    train: SourceConfig
+    eval: SourceConfig
+    name: str = "data"
+    vocab_size: int | None = None
+    eval_tokens: int | None = None
+    shuffle_seed: int | None = None
+    num_workers: int = 0
+    on_bad_record: str = "fail"
+    data_dir: Path = field(default_factory=project_root)
+    synthetic: dict = field(default_factory=dict)
+    chunk_docs: int = 64
+    prefetch: int = 4
+    hub_timeout_s: float = 10.0
+
+    def resolve(self, path: str) -> Path:
+        """A config path: absolute, or relative to data_dir."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.data_dir / p
+
+
+def _plain(obj):
+    """Mappings and sequences (OmegaConf containers included) as plain dicts and lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _check_keys(where: str, cfg: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+
+
+def _int(where: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _source(where: str, raw) -> SourceConfig:
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise ValueError(f"data.{where} must be a mapping with a 'type' ({'|'.join(_SOURCE_KEYS)}), got {raw!r}")
+    kind = raw["type"]
+    if kind not in _SOURCE_KEYS:
+        raise ValueError(f"data.{where}.type must be one of {sorted(_SOURCE_KEYS)}, got {kind!r}")
+    _check_keys(f"data.{where} (type {kind})", raw, _SOURCE_KEYS[kind])
+    src = SourceConfig(**{k: tuple(v) if k == "files" else v for k, v in raw.items()})
+    _int(f"data.{where}.shuffle_buffer", src.shuffle_buffer, 0)
+    if kind == "hub" and not src.path:
+        raise ValueError(f"data.{where}.path must name a Hub dataset, e.g. allenai/c4")
+    if kind == "local":
+        if isinstance(raw.get("files"), str) or not src.files:
+            raise ValueError(f"data.{where}.files must be a non-empty list of paths or globs, got {raw.get('files')!r}")
+        if src.format not in FORMATS:
+            raise ValueError(f"data.{where}.format must be one of {FORMATS}, got {src.format!r}")
+        if src.text_unit not in TEXT_UNITS:
+            raise ValueError(f"data.{where}.text_unit must be one of {TEXT_UNITS}, got {src.text_unit!r}")
+    if kind == "synthetic":
+        _int(f"data.{where}.num_docs", src.num_docs, 1)
+    return src
+
+
+def parse_config(data_cfg: Mapping) -> DataConfig:
+    """Check a data config and return it typed; every problem is a ValueError naming the key."""
+    raw = _plain(data_cfg)
+    if not isinstance(raw, dict):
+        raise ValueError(f"the data config must be a mapping (one configs/data/<name>.yaml), got {type(data_cfg)}")
+    _check_keys("data", raw, _TOP_KEYS)
+    missing = [k for k in _REQUIRED if raw.get(k) is None]
+    if missing:
+        raise ValueError(f"data config is missing required key(s) {missing}")
+    if raw["mode"] not in MODES:
+        raise ValueError(f"data.mode must be one of {MODES}, got {raw['mode']!r}")
+    if isinstance(raw["seq_len"], bool) or not isinstance(raw["seq_len"], int) or raw["seq_len"] < 2:
+        raise ValueError(f"data.seq_len must be an integer >= 2 (a causal LM needs at least one input and one "
+                         f"target token per sequence), got {raw['seq_len']!r}")
+    if raw.get("on_bad_record", "fail") not in BAD_RECORD_POLICIES:
+        raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, got {raw['on_bad_record']!r}")
+    kwargs = {k: v for k, v in raw.items() if v is not None and k not in ("train", "eval", "data_dir")}
+    kwargs["train"] = _source("train", raw["train"])
+    kwargs["eval"] = _source("eval", raw["eval"])
+    if raw.get("data_dir") is not None:
+        data_dir = Path(str(raw["data_dir"])).expanduser()
+        kwargs["data_dir"] = data_dir if data_dir.is_absolute() else project_root() / data_dir
+    cfg = DataConfig(**kwargs)
+    _int("data.num_workers", cfg.num_workers, 0)
+    _int("data.chunk_docs", cfg.chunk_docs, 1)
+    _int("data.prefetch", cfg.prefetch, 1)
+    if cfg.vocab_size is not None:
+        _int("data.vocab_size", cfg.vocab_size, 3)
+    if cfg.eval_tokens is not None:
+        _int("data.eval_tokens", cfg.eval_tokens, 1)
+    if not isinstance(cfg.synthetic, dict):
+        raise ValueError(f"data.synthetic must be a mapping, got {cfg.synthetic!r}")
+    return cfg

@@ -1,0 +1,259 @@
+"""Document sources: the Hugging Face Hub (streamed), local files, and the synthetic corpus.
+
+All three become a `datasets.IterableDataset`, so shuffling (`shuffle(seed, buffer_size)` + `set_epoch`) and
+rank sharding (`split_dataset_by_node`) are the very same code for each. Local files are read by our own
+reader, wrapped with `IterableDataset.from_generator` (one shard per file): datasets' JSON builder aborts a
+whole file on one malformed line, and we need to skip-and-count such lines or fail with the file and line.
+
+A source yields records (text, error): a document's text, or (None, message) for a record that could not be
+parsed; the pipeline skips or fails on those (data.on_bad_record). Every record keeps its place in the stream,
+which is what makes a resume position (epoch, record index) exact.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+from datasets import Features, IterableDataset, Value, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from llmopt.data.config import DataConfig, SourceConfig
+from llmopt.data.synthetic import SyntheticCorpus, SyntheticSpec
+
+_COMPRESSIONS = (".gz", ".xz", ".zst", ".zstd", ".bz2")
+_FORMAT_OF_SUFFIX = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".txt": "text", ".text": "text",
+                     ".md": "text", ".parquet": "parquet"}
+_RECORD_FEATURES = Features({"text": Value("string"), "error": Value("string")})
+OFFLINE_HINT = ("To run without the Hub, point the data config at local files: `data=c4_local` (the C4 sample "
+                "under data_dir), or set data.train / data.eval to {type: local, files: [...]} (JSON lines, plain "
+                "text or parquet; .gz/.xz/.zst allowed) and data.tokenizer to a local SentencePiece .model "
+                "(e.g. tokenizers/llmopt-en-32k.model); `data=offline` needs no files at all.")
+
+
+class HubUnreachableError(RuntimeError):
+    """The Hugging Face Hub cannot be reached (no network, offline mode, or a timeout)."""
+
+
+def check_hub(what: str, timeout: float) -> None:
+    """Fail fast, with one clear message, when the Hub cannot be reached; `load_dataset` itself retries for
+    tens of seconds (or hangs behind a firewall that drops packets) before failing."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise HubUnreachableError(f"{what} needs the Hugging Face Hub, but {var} is set. {OFFLINE_HINT}")
+    from huggingface_hub.utils import get_session
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        get_session().head(endpoint, timeout=timeout)  # any HTTP answer, even an error code, means reachable
+    except Exception as exc:  # noqa: BLE001 - every transport failure (DNS, refused, timeout, TLS) means the same
+        raise HubUnreachableError(f"{what} needs the Hugging Face Hub, but {endpoint} cannot be reached within "
+                                  f"{timeout:g} s ({type(exc).__name__}: {exc}). {OFFLINE_HINT}") from None
+
+
+# ---- local files ------------------------------------------------------------------------------------------
+def file_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower()
+    for ext in _COMPRESSIONS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    fmt = _FORMAT_OF_SUFFIX.get(os.path.splitext(name)[1])
+    if fmt is None:
+        raise ValueError(f"cannot tell the format of {path} from its name; set the source's format to json, text "
+                         f"or parquet")
+    return fmt
+
+
+def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[str]:
+    """The files of a local source, globs expanded, checked to exist and be non-empty."""
+    files: list[str] = []
+    for pattern in src.files:
+        path = cfg.resolve(pattern)
+        matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)] * path.exists()
+        if not matches:
+            raise FileNotFoundError(
+                f"data.{role}.files: no file matches {pattern!r} (looked for {path}; data_dir is {cfg.data_dir}). "
+                f"Fix data.data_dir (or the LLMOPT_DATA_DIR environment variable the configs read) or "
+                f"data.{role}.files.")
+        for match in matches:
+            if os.path.isdir(match):
+                raise ValueError(f"data.{role}.files: {match} is a directory; list its files or use a glob "
+                                 f"such as {os.path.join(pattern, '*.jsonl.gz')}")
+            if os.path.getsize(match) == 0:
+                raise ValueError(f"data.{role}.files: {match} is empty (0 bytes); remove it from the list")
+            file_format(match, src.format)  # fails early on an unknown extension
+        files.extend(matches)
+    return files
+
+
+def _open(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb", compression="infer").open()  # gzip, xz, zstd, bz2 by extension
+
+
+def _json_records(f, path: str, text_field: str) -> Iterator[tuple[str | None, str | None]]:
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            yield None, f"{path}:{lineno}: malformed JSON line ({exc})"
+            continue
+        if not isinstance(obj, dict):
+            yield None, f"{path}:{lineno}: a JSON line must hold an object, got {type(obj).__name__}"
+            continue
+        text = obj.get(text_field)
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: the record has no text field {text_field!r} (keys: {sorted(obj)}); "
+                             f"set the source's text_field to the key that holds the document text")
+        yield text, None
+
+
+def _text_records(f, path: str, unit: str) -> Iterator[tuple[str | None, str | None]]:
+    if unit == "file":
+        try:
+            yield f.read().decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield None, f"{path}: not UTF-8 text ({exc})"
+        return
+    para: list[bytes] = []
+    start = 1
+    for lineno, line in enumerate(f, 1):
+        if unit == "paragraph" and line.strip():
+            start = lineno if not para else start
+            para.append(line)
+            continue
+        chunk = line if unit == "line" else b"".join(para)
+        para, where = [], f"{path}:{lineno if unit == 'line' else start}"
+        if chunk.strip():
+            try:
+                yield chunk.decode("utf-8").strip("\r\n"), None
+            except UnicodeDecodeError as exc:
+                yield None, f"{where}: not UTF-8 text ({exc})"
+    if para:
+        try:
+            yield b"".join(para).decode("utf-8").strip("\r\n"), None
+        except UnicodeDecodeError as exc:
+            yield None, f"{path}:{start}: not UTF-8 text ({exc})"
+
+
+def _parquet_records(path: str, text_field: str) -> Iterator[tuple[str | None, str | None]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); set the source's "
+                         f"text_field to the column that holds the document text")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: row {row} has no text in column {text_field!r} ({text!r})")
+            yield text, None
+
+
+def read_local_files(files: list[str], fmt: str, text_field: str, text_unit: str) -> Iterator[dict]:
+    """Records of local files, in order (the generator behind a local source; one datasets shard per file)."""
+    for path in files:
+        kind = file_format(path, fmt)
+        count = 0
+        try:
+            if kind == "parquet":
+                records = _parquet_records(path, text_field)
+            else:
+                f = _open(path)
+                records = _json_records(f, path, text_field) if kind == "json" else _text_records(f, path, text_unit)
+            for text, error in records:
+                count += 1
+                yield {"text": text, "error": error}
+        except (EOFError, OSError) as exc:  # truncated or corrupt compressed data, unreadable file
+            raise ValueError(f"{path}: cannot be read to the end ({type(exc).__name__}: {exc}); the file is "
+                             f"truncated or its compression does not match its name") from exc
+        if count == 0:
+            raise ValueError(f"{path} holds no documents; remove it from the source's files")
+
+
+def _synthetic_records(blocks: list[int], corpus: SyntheticCorpus, split: str, num_docs: int) -> Iterator[dict]:
+    for block in blocks:
+        docs = corpus.documents(split, block)
+        for text in docs[: num_docs - block * corpus.spec.block_docs]:
+            yield {"text": text, "error": None}
+
+
+# ---- the source object ------------------------------------------------------------------------------------
+class Source:
+    """A document stream: `records(epoch, rank, world_size)` is this rank's share of one pass (epoch)."""
+
+    def __init__(self, description: str, dataset: IterableDataset, text_field: str, shuffle_buffer: int,
+                 shuffle_seed: int, fingerprint: dict):
+        self.description = description
+        self.dataset = dataset
+        self.text_field = text_field
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_seed = shuffle_seed
+        self.fingerprint = fingerprint  # what defines the stream, for resume checks (no machine paths)
+
+    def records(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[str | None, str | None]]:
+        ds = self.dataset
+        if self.shuffle_buffer:
+            ds = ds.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer)
+        if world_size > 1:  # the same seed on every rank, so that the ranks split one shuffled stream
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        if self.shuffle_buffer:
+            ds.set_epoch(epoch)  # after the split: split_dataset_by_node does not carry the epoch over
+        field = self.text_field
+        for example in ds:
+            error = example.get("error")
+            if error is not None:
+                yield None, error
+                continue
+            text = example.get(field)
+            if not isinstance(text, str):
+                raise ValueError(f"{self.description}: a record has no text field {field!r} (keys: "
+                                 f"{sorted(example)}); set the source's text_field")
+            yield text, None
+
+
+def build_source(cfg: DataConfig, role: str, shuffle_seed: int,
+                 load: Callable[..., IterableDataset] | None = None) -> Source:
+    """The Source of data.<role> ("train" or "eval"); Hub sources are probed first (fail fast offline)."""
+    src: SourceConfig = getattr(cfg, role)
+    datasets.disable_progress_bars()
+    if src.type == "hub":
+        what = f"data.{role} (Hub dataset {src.path}, config {src.name}, split {src.split})"
+        check_hub(what, cfg.hub_timeout_s)
+        ds = (load or load_dataset)(src.path, src.name, split=src.split, streaming=True)
+        if ds.features is not None:
+            if src.text_field not in ds.features:
+                raise ValueError(f"{what} has no column {src.text_field!r} (columns: {list(ds.features)}); set "
+                                 f"data.{role}.text_field")
+            ds = ds.select_columns([src.text_field])
+        fingerprint = {"type": "hub", "path": src.path, "name": src.name, "split": src.split}
+        return Source(what, ds, src.text_field, src.shuffle_buffer, shuffle_seed, fingerprint)
+    if src.type == "local":
+        files = resolve_files(cfg, src, role)
+        ds = IterableDataset.from_generator(
+            read_local_files, features=_RECORD_FEATURES,
+            gen_kwargs={"files": files, "fmt": src.format, "text_field": src.text_field, "text_unit": src.text_unit})
+        fingerprint = {"type": "local", "files": [Path(f).name for f in files], "text_field": src.text_field,
+                       "text_unit": src.text_unit}
+        return Source(f"data.{role} (local files {files})", ds, "text", src.shuffle_buffer, shuffle_seed,
+                      fingerprint)
+    spec = SyntheticSpec.from_mapping(cfg.synthetic)
+    corpus = SyntheticCorpus(spec)
+    n_blocks = -(-src.num_docs // spec.block_docs)
+    ds = IterableDataset.from_generator(
+        _synthetic_records, features=_RECORD_FEATURES,
+        gen_kwargs={"blocks": list(range(n_blocks)), "corpus": corpus, "split": src.split, "num_docs": src.num_docs})
+    fingerprint = {"type": "synthetic", "split": src.split, "num_docs": src.num_docs, **vars(spec)}
+    return Source(f"data.{role} (synthetic corpus, split {src.split})", ds, "text", src.shuffle_buffer,
+                  shuffle_seed, fingerprint)

@@ -1,0 +1,155 @@
+"""Optimizer-step benchmark on a flavor's parameter set (default 1B), bf16 and fp32 parameters.
+
+For each optimizer: median step time (CUDA events), state bytes, the ratio to torch's fused AdamW
+measured in the same run, and the fraction of the HBM floor: the bytes the step must move divided by
+the device-to-device copy bandwidth measured in this run.
+
+Floors (b = bytes per element, N = elements): fused AdamW reads p, g, m, v and writes p, m, v: 7Nb.
+SCALE reads g and p and writes p (one pass per row: a row fits on chip): 3Nb, plus 2b per lm_head
+element for its momentum. SGD-LL needs two passes (the per-tensor RMS clip needs the whole tensor's
+norm before any element is written): read g, m, write m; read m, p, write p: 6Nb. EMA-Nesterov's own
+work: pre_forward reads p, m and writes p; after the base step it reads p, prev, m and writes m, prev:
+8Nb. Muon is bound by its matrix products, not memory: no floor is given.
+
+Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from llmopt.model import build_model, llama_config
+from llmopt.optim import build_optimizer, state_bytes
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def copy_bandwidth(device, nbytes=2 << 30) -> float:
+    """Bytes moved per second (read + write) by a device-to-device copy."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def time_steps(opt, params, steps=15, warmup=3) -> float:
+    """Median seconds per optimizer step (pre_forward included for a lookahead wrapper)."""
+    def one():
+        if hasattr(opt, "pre_forward"):
+            opt.pre_forward()
+        opt.step()
+    for _ in range(warmup):
+        one()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        one()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+CASES = {
+    "adamw_fused": ("adamw", {"lr": 1e-3, "fused": True}, None),
+    "adamw_foreach": ("adamw", {"lr": 1e-3, "fused": False}, None),
+    "scale": ("scale", {"lr": 1e-3}, None),
+    "sgd_ll": ("sgd_ll", {"lr": 100.0}, None),
+    "muon": ("muon", {"lr": 0.02}, None),
+    "ema_nesterov(adamw_fused)": ("adamw", {"lr": 1e-3, "fused": True}, {"beta": 0.5, "gamma": 0.99}),
+}
+
+
+def floor_bytes(case: str, n: int, n_head: int, b: int) -> float | None:
+    if case.startswith("adamw"):
+        return 7 * n * b
+    if case == "scale":
+        return 3 * n * b + 2 * n_head * b
+    if case == "sgd_ll":
+        return 6 * n * b
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flavor", default="1b")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_optim needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for case in args.cases:
+            name, hparams, lookahead = CASES[case]
+            model = build_model(llama_config(args.flavor), device="meta")
+            model.to_empty(device=device)
+            model.to(dtype)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+                    p.grad = torch.randn_like(p) * 1e-3
+            opt = build_optimizer(model, name, lookahead=lookahead, **hparams)
+            params = list(model.parameters())
+            t0 = time.perf_counter()
+            seconds = time_steps(opt, params)
+            n = sum(p.numel() for p in params)
+            b = torch.tensor([], dtype=dtype).element_size()
+            floor = floor_bytes(case, n, model.lm_head.weight.numel(), b)
+            if case.startswith("ema_nesterov"):
+                floor = 8 * n * b  # the wrapper's own work, reported against its base below
+            row = {"case": case, "dtype": dtype_name, "step_ms": seconds * 1e3, "state_gb": state_bytes(opt) / 1e9,
+                   "floor_ms": floor / bandwidth * 1e3 if floor else None, "wall_s": time.perf_counter() - t0}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del opt, model, params
+            torch.cuda.empty_cache()
+    by = {(r["case"], r["dtype"]): r for r in rows}
+    for r in rows:
+        base = by.get(("adamw_fused", r["dtype"]))
+        r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base else None
+        own = r["step_ms"]
+        if r["case"].startswith("ema_nesterov") and base:
+            own = r["step_ms"] - base["step_ms"]
+            r["own_ms"] = own
+        r["floor_fraction"] = r["floor_ms"] / own if r["floor_ms"] and own > 0 else None
+    meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "flavor": args.flavor,
+            "copy_bandwidth_tb_s": bandwidth / 1e12, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(meta))
+    print(f"{'case':28} {'dtype':5} {'step ms':>9} {'x fusedAdamW':>12} {'floor ms':>9} "
+          f"{'of floor':>8} {'state GB':>9}")
+    for r in rows:
+        fl = f"{r['floor_ms']:.2f}" if r["floor_ms"] else "-"
+        frac = f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-"
+        print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {r['x_fused_adamw'] or 0:12.2f} {fl:>9} "
+              f"{frac:>8} {r['state_gb']:9.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
