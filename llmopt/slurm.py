@@ -10,13 +10,15 @@ configs/hydra/launcher/slurm*.yaml) they are the torch.distributed ranks; with o
 read (MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE). `SlurmEnvCallback` does it
 at the start of every Hydra job, before the trainer builds its Accelerator; the launcher configs enable it.
 
-`python -m llmopt.slurm` prints the parsed environment as shell `export` lines (for sbatch scripts).
+`python -m llmopt.slurm` prints MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK and REQUEUE_COUNT as shell
+`export` lines, for the sbatch templates in slurm/.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 
@@ -171,12 +173,13 @@ class SlurmEnvCallback(Callback):
 
 
 def main() -> int:
+    """Print the rendezvous of this SLURM job as shell exports (`eval "$(python -m llmopt.slurm)"`)."""
     info = slurm_env()
-    names = {"rank": "SLURM_RANK", "local_rank": "SLURM_LOCAL_RANK", "world_size": "SLURM_WORLD_SIZE",
-             "node_rank": "NODE_RANK", "num_nodes": "NNODES", "master_addr": "MASTER_ADDR",
-             "master_port": "MASTER_PORT", "requeue_count": "REQUEUE_COUNT"}
-    for key, var in names.items():
-        print(f"export {var}={info[key]}")
+    exports = {"MASTER_ADDR": info["master_addr"], "MASTER_PORT": info["master_port"],
+               "NNODES": info["num_nodes"], "NODE_RANK": info["node_rank"],
+               "REQUEUE_COUNT": info["requeue_count"]}
+    for name, value in exports.items():
+        print(f"export {name}={shlex.quote(str(value))}")
     return 0
 
 

@@ -47,6 +47,7 @@ _SOURCE_KEYS = {
 _TOP_KEYS = {"name", "mode", "seq_len", "tokenizer", "vocab_size", "train", "eval", "eval_tokens", "shuffle_seed",
              "num_workers", "on_bad_record", "data_dir", "synthetic", "chunk_docs", "prefetch", "hub_timeout_s"}
 _REQUIRED = ("mode", "seq_len", "tokenizer", "train", "eval")
+DATA_DIR_HINT = "data.data_dir (or the LLMOPT_DATA_DIR environment variable the local configs read)"
 
 
 def project_root() -> Path:

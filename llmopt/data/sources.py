@@ -12,17 +12,22 @@ which is what makes a resume position (epoch, record index) exact.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import inspect
+import io
+import itertools
 import json
+import lzma
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 from datasets import Features, IterableDataset, Value, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from llmopt.data.config import DataConfig, SourceConfig
+from llmopt.data.config import DATA_DIR_HINT, DataConfig, SourceConfig
 from llmopt.data.synthetic import SyntheticCorpus, SyntheticSpec
 
 _COMPRESSIONS = (".gz", ".xz", ".zst", ".zstd", ".bz2")
@@ -33,6 +38,13 @@ OFFLINE_HINT = ("To run without the Hub, point the data config at local files: `
                 "under data_dir), or set data.train / data.eval to {type: local, files: [...]} (JSON lines, plain "
                 "text or parquet; .gz/.xz/.zst allowed) and data.tokenizer to a local SentencePiece .model "
                 "(e.g. tokenizers/llmopt-en-32k.model); `data=offline` needs no files at all.")
+
+
+# shuffle() = shuffled shard order + a buffer of shuffle_buffer records, as in the reference code's datasets
+# 2.x. datasets >= 5 would also interleave 10 shards into the buffer through a thread pool, one thread hop per
+# record (3x the cost of reading a JSON line): turned off where the option exists.
+_ONE_SHARD_AT_A_TIME = ({"max_buffer_input_shards": 1}
+                        if "max_buffer_input_shards" in inspect.signature(IterableDataset.shuffle).parameters else {})
 
 
 class HubUnreachableError(RuntimeError):
@@ -75,12 +87,14 @@ def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[str]:
     files: list[str] = []
     for pattern in src.files:
         path = cfg.resolve(pattern)
-        matches = sorted(glob.glob(str(path))) if glob.has_magic(str(path)) else [str(path)] * path.exists()
+        if glob.has_magic(str(path)):
+            matches = sorted(glob.glob(str(path)))
+        else:
+            matches = [str(path)] if path.exists() else []
         if not matches:
             raise FileNotFoundError(
                 f"data.{role}.files: no file matches {pattern!r} (looked for {path}; data_dir is {cfg.data_dir}). "
-                f"Fix data.data_dir (or the LLMOPT_DATA_DIR environment variable the configs read) or "
-                f"data.{role}.files.")
+                f"Fix {DATA_DIR_HINT} or data.{role}.files.")
         for match in matches:
             if os.path.isdir(match):
                 raise ValueError(f"data.{role}.files: {match} is a directory; list its files or use a glob "
@@ -95,7 +109,8 @@ def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[str]:
 def _open(path: str):
     import fsspec
 
-    return fsspec.open(path, "rb", compression="infer").open()  # gzip, xz, zstd, bz2 by extension
+    # gzip, xz, zstd, bz2 by extension; the buffer gives line iteration to zstd's reader, which lacks it
+    return io.BufferedReader(fsspec.open(path, "rb", compression="infer").open())
 
 
 def _json_records(f, path: str, text_field: str) -> Iterator[tuple[str | None, str | None]]:
@@ -117,32 +132,34 @@ def _json_records(f, path: str, text_field: str) -> Iterator[tuple[str | None, s
         yield text, None
 
 
+def _decode(raw: bytes, where: str) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8").strip("\r\n"), None
+    except UnicodeDecodeError as exc:
+        return None, f"{where}: not UTF-8 text ({exc})"
+
+
 def _text_records(f, path: str, unit: str) -> Iterator[tuple[str | None, str | None]]:
+    """Plain text: one document per non-blank line, per blank-line separated paragraph, or per file."""
     if unit == "file":
-        try:
-            yield f.read().decode("utf-8"), None
-        except UnicodeDecodeError as exc:
-            yield None, f"{path}: not UTF-8 text ({exc})"
+        yield _decode(f.read(), path)
+        return
+    if unit == "line":
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield _decode(line, f"{path}:{lineno}")
         return
     para: list[bytes] = []
-    start = 1
+    start = 0
     for lineno, line in enumerate(f, 1):
-        if unit == "paragraph" and line.strip():
-            start = lineno if not para else start
+        if line.strip():
+            start = start if para else lineno
             para.append(line)
-            continue
-        chunk = line if unit == "line" else b"".join(para)
-        para, where = [], f"{path}:{lineno if unit == 'line' else start}"
-        if chunk.strip():
-            try:
-                yield chunk.decode("utf-8").strip("\r\n"), None
-            except UnicodeDecodeError as exc:
-                yield None, f"{where}: not UTF-8 text ({exc})"
+        elif para:
+            yield _decode(b"".join(para), f"{path}:{start}")
+            para = []
     if para:
-        try:
-            yield b"".join(para).decode("utf-8").strip("\r\n"), None
-        except UnicodeDecodeError as exc:
-            yield None, f"{path}:{start}: not UTF-8 text ({exc})"
+        yield _decode(b"".join(para), f"{path}:{start}")
 
 
 def _parquet_records(path: str, text_field: str) -> Iterator[tuple[str | None, str | None]]:
@@ -161,23 +178,37 @@ def _parquet_records(path: str, text_field: str) -> Iterator[tuple[str | None, s
             yield text, None
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What truncated or corrupt compressed data raises, per codec."""
+    errors: list[type[BaseException]] = [EOFError, OSError, lzma.LZMAError]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def read_local_files(files: list[str], fmt: str, text_field: str, text_unit: str) -> Iterator[dict]:
     """Records of local files, in order (the generator behind a local source; one datasets shard per file)."""
     for path in files:
         kind = file_format(path, fmt)
         count = 0
         try:
-            if kind == "parquet":
-                records = _parquet_records(path, text_field)
-            else:
-                f = _open(path)
-                records = _json_records(f, path, text_field) if kind == "json" else _text_records(f, path, text_unit)
-            for text, error in records:
-                count += 1
-                yield {"text": text, "error": error}
-        except (EOFError, OSError) as exc:  # truncated or corrupt compressed data, unreadable file
+            with contextlib.ExitStack() as stack:
+                if kind == "parquet":
+                    records = _parquet_records(path, text_field)
+                else:
+                    f = stack.enter_context(_open(path))
+                    records = (_json_records(f, path, text_field) if kind == "json"
+                               else _text_records(f, path, text_unit))
+                for text, error in records:
+                    count += 1
+                    yield {"text": text, "error": error}
+        except _read_errors() as exc:
             raise ValueError(f"{path}: cannot be read to the end ({type(exc).__name__}: {exc}); the file is "
-                             f"truncated or its compression does not match its name") from exc
+                             f"truncated, or its compression does not match its name") from exc
         if count == 0:
             raise ValueError(f"{path} holds no documents; remove it from the source's files")
 
@@ -205,33 +236,36 @@ class Source:
     def records(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[str | None, str | None]]:
         ds = self.dataset
         if self.shuffle_buffer:
-            ds = ds.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer)
+            ds = ds.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer, **_ONE_SHARD_AT_A_TIME)
         if world_size > 1:  # the same seed on every rank, so that the ranks split one shuffled stream
             ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         if self.shuffle_buffer:
             ds.set_epoch(epoch)  # after the split: split_dataset_by_node does not carry the epoch over
+        # ds.iter (batches of records), not iter(ds): inside a DataLoader worker, iter(ds) would hand each
+        # worker only some of the shards, and our workers must all see the rank's whole stream
         field = self.text_field
-        for example in ds:
-            error = example.get("error")
-            if error is not None:
-                yield None, error
-                continue
-            text = example.get(field)
-            if not isinstance(text, str):
-                raise ValueError(f"{self.description}: a record has no text field {field!r} (keys: "
-                                 f"{sorted(example)}); set the source's text_field")
-            yield text, None
+        for batch in ds.iter(batch_size=256):
+            texts = batch.get(field)
+            if texts is None:
+                raise ValueError(f"{self.description}: the records have no text field {field!r} (keys: "
+                                 f"{sorted(batch)}); set the source's text_field")
+            for text, error in zip(texts, batch.get("error") or itertools.repeat(None)):
+                if error is not None:
+                    yield None, error
+                elif not isinstance(text, str):
+                    raise ValueError(f"{self.description}: a record has no text in field {field!r} ({text!r})")
+                else:
+                    yield text, None
 
 
-def build_source(cfg: DataConfig, role: str, shuffle_seed: int,
-                 load: Callable[..., IterableDataset] | None = None) -> Source:
+def build_source(cfg: DataConfig, role: str, shuffle_seed: int) -> Source:
     """The Source of data.<role> ("train" or "eval"); Hub sources are probed first (fail fast offline)."""
     src: SourceConfig = getattr(cfg, role)
     datasets.disable_progress_bars()
     if src.type == "hub":
         what = f"data.{role} (Hub dataset {src.path}, config {src.name}, split {src.split})"
         check_hub(what, cfg.hub_timeout_s)
-        ds = (load or load_dataset)(src.path, src.name, split=src.split, streaming=True)
+        ds = load_dataset(src.path, src.name, split=src.split, streaming=True)
         if ds.features is not None:
             if src.text_field not in ds.features:
                 raise ValueError(f"{what} has no column {src.text_field!r} (columns: {list(ds.features)}); set "

@@ -122,6 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                             OmegaConf.to_container(cfg.logger.wandb, resolve=True))
     fixed = {"model/params": counts["total"], "memory/paper_gb": _paper_gb(cfg.model.flavor, opt_name, lookahead)}
     trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, loggers,
+                      seq_len=int(cfg.data.seq_len),
                       flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
                       peak_flops=_peak(accelerator.device), extra_metrics=fixed, diagnostics=diagnostics,
                       checkpointer=checkpointer, stop_requested=stop_signal.requested)
@@ -138,6 +139,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         stop_signal.uninstall()
         loggers.close()
+        data.close()
     summary.update({"run_dir": str(run_dir), "optimizer": opt_name, "lookahead": bool(lookahead),
                     "flavor": cfg.model.flavor, "precision": tcfg.precision, "params": counts["total"],
                     "optimizer_state_bytes": state_bytes(optimizer), **fixed})
@@ -212,6 +214,8 @@ def remove_if_empty(run_dir: Path) -> None:
     """Hydra creates the run directory before the job starts; a refused run leaves nothing behind."""
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
+        if not any(run_dir.parent.iterdir()):  # the date directory Hydra made for it
+            run_dir.parent.rmdir()
 
 
 def format_summary(summary: dict) -> str:

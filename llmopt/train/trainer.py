@@ -63,10 +63,11 @@ class Trainer:
     """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract."""
 
     def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
-                 loggers, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 loggers, seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
                  extra_metrics: dict | None = None, diagnostics=None, checkpointer=None, stop_requested=None):
         self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
         self.data, self.accelerator, self.config, self.loggers = data, accelerator, config, loggers
+        self.seq_len = seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.extra_metrics = extra_metrics or {}   # constant facts, logged with the first record
         self.diagnostics, self.checkpointer = diagnostics, checkpointer
@@ -177,7 +178,7 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, acc = self.config, self.accelerator
-        slots_per_step = cfg.global_batch_size * int(self.data.seq_len)
+        slots_per_step = cfg.global_batch_size * self.seq_len
         progress = self._progress_bar()
         t_last, step_last, first_record = time.perf_counter(), self.step, True
         while self.step < self.schedule.num_updates:

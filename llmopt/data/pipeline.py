@@ -1,0 +1,367 @@
+"""From records to batches: background tokenization, sequence modes, exact resume, the validation set.
+
+How the work is split, and why resume is exact with workers
+-----------------------------------------------------------
+Ranks: each rank reads its share of the stream, `split_dataset_by_node(shuffled stream, rank, world_size)`
+(whole shards when their count divides world_size, else every world_size-th record).
+
+Workers: the rank's records are grouped into chunks of `chunk_docs` consecutive records. In a torch DataLoader
+with W workers, every worker reads all the rank's records (reading is cheap; tokenizing is not) and tokenizes
+only the chunks c with c % W == w. The DataLoader takes results from its workers round-robin, so chunks come
+back in stream order. Hence:
+  * no document is tokenized twice or dropped: each chunk belongs to exactly one worker;
+  * the batches are the same for any num_workers (0, 2, 8, ...): a run may even resume with another count;
+  * nothing but cheap numpy batch assembly runs in the training process (no thread competing for the GIL).
+The cost is that each worker parses (and, from the Hub, downloads) the rank's whole record stream.
+
+State: where the training loop has consumed up to, not where the workers are: (epoch, index of the next
+record in this rank's epoch stream) plus, in packed mode, the tokens left in the pack buffer. Whatever the
+workers prefetched beyond that is dropped on resume and tokenized again. Resuming re-opens the rank's stream at
+the start of that epoch (same seed, same `set_epoch`, so the same shuffled order; datasets' own state_dict
+would lose the shuffle buffer) and skips `index` records at the raw level, without tokenizing them: free for
+the synthetic corpus, ~20k records/s for local JSON lines, network-bound for the Hub.
+
+Sequence modes
+--------------
+truncate_pad  one document per row: the tokenizer's encoding (T5: pieces + EOS) truncated to seq_len, padded
+              with pad_id; labels are -100 on padding; attention_mask marks the document's tokens.
+packed        documents (pieces + EOS) are concatenated and cut into rows of exactly seq_len tokens; the rest
+              of a long document continues into the next rows (nothing is thrown away); no padding.
+Labels are NOT shifted (transformers shifts them inside the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmopt.data.encode import Encoder
+from llmopt.data.sources import Source
+
+log = logging.getLogger("llmopt.data")
+STATE_FORMAT = "llmopt.data/1"
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be parsed, with data.on_bad_record=fail."""
+
+
+@dataclass
+class Chunk:
+    epoch: int
+    start: int                 # index of the chunk's first record in its epoch's stream
+    ids: np.ndarray            # int32 tokens of the good records, concatenated
+    lengths: np.ndarray        # tokens per record, -1 for a bad record
+    errors: dict[int, str]     # position in the chunk -> why that record is bad
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    encoder: Encoder
+    num_workers: int
+    prefetch: int              # chunks in flight per worker
+    chunk_docs: int
+    on_bad_record: str
+
+
+def raw_chunks(source: Source, rank: int, world_size: int, epoch: int, index: int, chunk_docs: int,
+               on_bad_record: str, cycle: bool) -> Iterator[tuple[int, int, list[str | None], dict[int, str]]]:
+    """(epoch, start, texts, errors) chunks of this rank's records from (epoch, index) on; with `cycle`, pass
+    after pass forever (epoch + 1 each time), else one pass. A bad record's text is None."""
+    while True:
+        position = valid = 0
+        texts: list[str | None] = []
+        errors: dict[int, str] = {}
+        start = index
+        for text, error in source.records(epoch, rank, world_size):
+            position += 1
+            valid += text is not None
+            if position <= index:  # fast-forward on resume: no tokenization
+                continue
+            if text is None:
+                if on_bad_record == "fail":
+                    raise BadRecordError(f"{error}. Set data.on_bad_record=skip to skip such records (they are "
+                                         f"counted and reported), or fix the file.")
+                errors[len(texts)] = error
+            texts.append(text)
+            if len(texts) == chunk_docs:
+                yield epoch, start, texts, errors
+                start, texts, errors = position, [], {}
+        if texts:
+            yield epoch, start, texts, errors
+        if position < index:
+            raise ValueError(f"{source.description}: the resume position (epoch {epoch}, record {index}) is past "
+                             f"the end of the epoch ({position} records for rank {rank} of {world_size}); the "
+                             f"data changed since the checkpoint was written")
+        if valid == 0:
+            raise ValueError(f"{source.description} gave rank {rank} of {world_size} no documents in epoch "
+                             f"{epoch}; it needs at least one document per rank")
+        if not cycle:
+            return
+        epoch, index = epoch + 1, 0
+
+
+class ChunkDataset(torch.utils.data.IterableDataset):
+    """Tokenized chunks of one rank's stream from (epoch, index) on, in stream order (see the module
+    docstring for how DataLoader workers share them)."""
+
+    def __init__(self, source: Source, encoder: Encoder, *, rank: int, world_size: int, epoch: int, index: int,
+                 chunk_docs: int, on_bad_record: str, cycle: bool):
+        self.source, self.encoder = source, encoder
+        self.rank, self.world_size, self.epoch, self.index = rank, world_size, epoch, index
+        self.chunk_docs, self.on_bad_record, self.cycle = chunk_docs, on_bad_record, cycle
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            import fsspec.asyn
+
+            fsspec.asyn.reset_lock()  # fsspec's event loop does not survive a fork (datasets does the same)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+            self.encoder.threads = 1
+        raw = raw_chunks(self.source, self.rank, self.world_size, self.epoch, self.index, self.chunk_docs,
+                         self.on_bad_record, self.cycle)
+        for c, (epoch, start, texts, errors) in enumerate(raw):
+            if c % workers == worker:
+                ids, lengths = self.encoder.encode(texts)
+                yield Chunk(epoch, start, ids, lengths, errors)
+
+
+def _as_is(item):
+    return item
+
+
+class DocStream:
+    """Documents of one rank's stream, one at a time, from (epoch, index) on; tracks the position of the
+    next record and counts (and reports) the bad records it skips."""
+
+    def __init__(self, source: Source, settings: StreamSettings, *, rank: int, world_size: int, epoch: int,
+                 index: int, cycle: bool):
+        dataset = ChunkDataset(source, settings.encoder, rank=rank, world_size=world_size, epoch=epoch,
+                               index=index, chunk_docs=settings.chunk_docs, on_bad_record=settings.on_bad_record,
+                               cycle=cycle)
+        if settings.num_workers == 0:
+            self._chunks = iter(dataset)
+        else:
+            self._chunks = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=settings.num_workers, prefetch_factor=settings.prefetch,
+                collate_fn=_as_is))
+        self.epoch, self.index, self.what = epoch, index, source.description
+        self.bad_records = 0
+        self._chunk: Chunk | None = None
+        self._k = self._offset = 0
+
+    def next_doc(self) -> np.ndarray:
+        """Tokens of the next good document; StopIteration at the end of a one-pass stream."""
+        while True:
+            if self._chunk is None or self._k == len(self._chunk.lengths):
+                self._chunk, self._k, self._offset = next(self._chunks), 0, 0
+            chunk, k = self._chunk, self._k
+            self._k += 1
+            self.epoch, self.index = chunk.epoch, chunk.start + k + 1
+            n = int(chunk.lengths[k])
+            if n < 0:
+                self.bad_records += 1
+                if math.log10(self.bad_records).is_integer():  # the 1st, 10th, 100th ... one
+                    log.warning("%s: skipped bad record #%d: %s", self.what, self.bad_records, chunk.errors[k])
+                continue
+            tokens = chunk.ids[self._offset: self._offset + n]
+            self._offset += n
+            return tokens
+
+    def close(self) -> None:
+        """Stop the workers now (a DataLoader iterator shuts them down when released)."""
+        shutdown = getattr(self._chunks, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._chunks = iter(())
+
+
+def make_batch(ids: np.ndarray, lengths: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """The batch dict from token rows; `lengths` (tokens per row) marks padding, None = no padding."""
+    input_ids = torch.from_numpy(ids.astype(np.int64))
+    if lengths is None:
+        return {"input_ids": input_ids, "labels": input_ids.clone(), "attention_mask": torch.ones_like(input_ids)}
+    mask = torch.from_numpy(np.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {"input_ids": input_ids, "labels": input_ids.masked_fill(mask == 0, -100), "attention_mask": mask}
+
+
+def pad_rows(docs: list[np.ndarray], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents (each <= seq_len tokens) as rows padded with pad_id, and their lengths."""
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    rows = np.full((len(docs), seq_len), pad_id, dtype=np.int32)
+    rows[np.arange(seq_len)[None, :] < lengths[:, None]] = np.concatenate(docs)
+    return rows, lengths
+
+
+class TrainLoader:
+    """This rank's infinite stream of training batches, with an exact state_dict (see the module docstring)."""
+
+    def __init__(self, source: Source, settings: StreamSettings, *, mode: str, seq_len: int,
+                 micro_batch_size: int, pad_id: int, rank: int, world_size: int, fingerprint: str):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.source, self.settings = source, settings
+        self.mode, self.seq_len, self.batch_size, self.pad_id = mode, seq_len, micro_batch_size, pad_id
+        self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint
+        self._epoch, self._index, self._batches, self._bad = 0, 0, 0, 0
+        self._buffer = np.zeros(0, np.int32)   # packed mode: tokens read but not yet emitted
+        self._docs: DocStream | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._docs is None:
+            self._docs = DocStream(self.source, self.settings, rank=self.rank, world_size=self.world_size,
+                                   epoch=self._epoch, index=self._index, cycle=True)
+        docs = self._docs
+        bad_before = docs.bad_records
+        try:
+            if self.mode == "truncate_pad":
+                rows, lengths = pad_rows([docs.next_doc() for _ in range(self.batch_size)], self.seq_len,
+                                         self.pad_id)
+            else:
+                need = self.batch_size * self.seq_len
+                parts, have = [self._buffer], len(self._buffer)
+                while have < need:
+                    parts.append(docs.next_doc())
+                    have += len(parts[-1])
+                flat = np.concatenate(parts)
+                rows, lengths = flat[:need].reshape(self.batch_size, self.seq_len), None
+                self._buffer = flat[need:].copy()  # a copy, so that the chunks' arrays can be freed
+        except BaseException:
+            self.close()  # the state stays at the last whole batch; the next call re-opens the stream there
+            raise
+        self._epoch, self._index = docs.epoch, docs.index
+        self._bad += docs.bad_records - bad_before
+        self._batches += 1
+        return make_batch(rows, lengths)
+
+    @property
+    def bad_records(self) -> int:
+        """Records skipped so far (data.on_bad_record=skip), over the whole run, resumes included."""
+        return self._bad
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "mode": self.mode,
+                "seq_len": self.seq_len, "micro_batch_size": self.batch_size, "rank": self.rank,
+                "world_size": self.world_size, "epoch": self._epoch, "index": self._index,
+                "batches": self._batches, "bad_records": self._bad, "buffer": torch.from_numpy(self._buffer.copy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a data-loader state of this version ({state.get('format')!r} != {STATE_FORMAT!r})")
+        mine = {"fingerprint": self.fingerprint, "rank": self.rank, "world_size": self.world_size}
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"cannot resume this data stream from that state: {diff} differ (saved, now). Resume "
+                             f"with the same data config (source, tokenizer, mode, seq_len) and world size.")
+        if self.mode == "truncate_pad" and len(state["buffer"]):
+            raise ValueError("a truncate_pad stream has no pack buffer; this state is corrupt")
+        self.close()
+        self._epoch, self._index = int(state["epoch"]), int(state["index"])
+        self._batches, self._bad = int(state["batches"]), int(state["bad_records"])
+        self._buffer = np.asarray(state["buffer"], dtype=np.int32).copy()
+
+    def close(self) -> None:
+        """Stop the workers; the next batch re-opens the stream at the current position."""
+        if self._docs is not None:
+            self._docs.close()
+            self._docs = None
+
+
+# ---- the validation set -------------------------------------------------------------------------------
+class EvalSet:
+    """The fixed validation set: sequences (unpadded tokens + lengths), the same for every run and world size."""
+
+    def __init__(self, tokens: np.ndarray, lengths: np.ndarray, seq_len: int, pad_id: int, mode: str):
+        self.tokens, self.lengths = tokens, lengths
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.seq_len, self.pad_id, self.mode = seq_len, pad_id, mode
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-pad tokens in the whole set."""
+        return int(self.lengths.sum())
+
+    def batch_sizes(self, batch_size: int, world_size: int) -> list[int]:
+        """Sizes of the consecutive batches the set is cut into: full batches, then the shortfall spread over
+        the last ones so that the count is a multiple of world_size (every rank runs the same number of
+        forward passes, which FSDP needs) and no batch is empty."""
+        n = self.num_sequences
+        count = math.ceil(math.ceil(n / batch_size) / world_size) * world_size
+        if count > n:
+            raise ValueError(f"the validation set has {n} sequences, too few for {world_size} ranks with at least "
+                             f"one sequence per batch; raise data.eval_tokens")
+        sizes = [batch_size] * count
+        deficit, i = count * batch_size - n, count - 1
+        while deficit:
+            cut = min(deficit, batch_size - 1)
+            sizes[i] -= cut
+            deficit -= cut
+            i -= 1
+        return sizes
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches: batch b of the set goes to rank b % world_size."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        starts = np.concatenate([[0], np.cumsum(self.batch_sizes(batch_size, world_size))])
+        for b in range(rank, len(starts) - 1, world_size):
+            lo, hi = int(starts[b]), int(starts[b + 1])
+            docs = [self.tokens[self.offsets[i]: self.offsets[i + 1]] for i in range(lo, hi)]
+            rows, lengths = pad_rows(docs, self.seq_len, self.pad_id)
+            yield make_batch(rows, lengths if self.mode == "truncate_pad" else None)
+
+
+def build_eval_set(source: Source, settings: StreamSettings, *, mode: str, seq_len: int, pad_id: int,
+                   eval_tokens: int | None) -> EvalSet:
+    """The first sequences of the whole (never rank-split) eval stream holding >= eval_tokens non-pad tokens."""
+    docs = DocStream(source, settings, rank=0, world_size=1, epoch=0, index=0, cycle=False)
+    seqs: list[np.ndarray] = []
+    total = 0
+    pending = np.zeros(0, np.int32)  # packed mode: tokens not yet cut into a window
+    try:
+        while eval_tokens is None or total < eval_tokens:
+            try:
+                doc = docs.next_doc()
+            except StopIteration:
+                if eval_tokens is not None:
+                    raise ValueError(
+                        f"{source.description} holds only {total} tokens ({mode}, seq_len {seq_len}), fewer "
+                        f"than data.eval_tokens={eval_tokens}; lower data.eval_tokens, or set it to null to "
+                        f"use the whole source") from None
+                break
+            if mode == "truncate_pad":
+                seqs.append(doc)
+                total += len(doc)
+                continue
+            pending = np.concatenate([pending, doc])
+            n_win = len(pending) // seq_len  # cut every full window at once (a long document gives many)
+            if eval_tokens is not None:
+                n_win = min(n_win, math.ceil((eval_tokens - total) / seq_len))
+            seqs.extend(pending[: n_win * seq_len].reshape(n_win, seq_len))
+            total += n_win * seq_len
+            pending = pending[n_win * seq_len:]
+    finally:
+        docs.close()
+    if not seqs:
+        raise ValueError(f"{source.description} gave no complete validation sequence")
+    return EvalSet(np.concatenate(seqs).astype(np.int32), np.array([len(s) for s in seqs], dtype=np.int64),
+                   seq_len, pad_id, mode)

@@ -1,0 +1,289 @@
+"""Every configs/experiment/**.yaml composes and says what protocol.md says; the documented sweeps compose.
+
+The expected values below are written from /work/shared/docs/protocol.md (sections in the comments), not
+read from the experiment files: a file that drifts from the protocol fails here. A new experiment file is
+found by the glob and must get its row in `expected()`.
+"""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from llmopt.optim import build_optimizer
+from llmopt.train.run import optimizer_kwargs, trainer_config
+from llmopt.train.schedule import build_schedule
+from tests.conftest import micro_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
+                     for p in (CONFIGS / "experiment").rglob("*.yaml"))
+
+# -- protocol.md, section 1: the GaLore protocol -----------------------------------------------------------
+GALORE_PROTOCOL = {"trainer.global_batch_size": 512, "trainer.precision": "bf16_pure", "trainer.grad_clip": 0.0,
+                   "trainer.eval_every": 1000, "schedule.name": "cosine", "schedule.warmup_ratio": 0.1,
+                   "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": True}
+# steps, warmup steps, tokens (billions) per size; SCALE's 60M script runs 11K / 1.1K / 1.4B
+GP_STEPS = {"60m": (10_000, 1_000, 1.3), "130m": (20_000, 2_000, 2.6), "350m": (60_000, 6_000, 7.8),
+            "1b": (100_000, 10_000, 13.1), "7b": (150_000, 15_000, 19.7)}
+SCALE_60M_STEPS = (11_000, 1_100, 1.4)
+C4 = {"data.name": "c4", "data.mode": "truncate_pad", "data.seq_len": 256, "data.tokenizer": "t5-base",
+      "data.shuffle_seed": 42, "data.eval_tokens": 10_000_000}
+
+# -- section 2: SCALE -----------------------------------------------------------------------------------------
+SCALE_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 2e-4, "7b": 1e-4}
+SCALE_ADAM_LR = {"60m": 0.02, "130m": 0.02, "350m": 0.02, "1b": 1e-3, "7b": 1e-3}   # the scripts' values
+
+# -- section 5: baselines -------------------------------------------------------------------------------------
+GALORE_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
+APOLLO_RANK = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}   # 7B: not in protocol.md
+FIRA_ALPHA = {"60m": 0.25, "130m": 0.25, "350m": 0.25, "1b": 0.0625}
+
+# -- section 3: SGD-LL ----------------------------------------------------------------------------------------
+SGD_LL = {  # size: steps, warmup, batch, tokens (B), Adam lr, SGD-LL lr, tau
+    "130m": (5_000, 500, 2048, 2.6, 3e-3, 100.0, 5e-4),
+    "350m": (15_000, 1_500, 2048, 7.8, 2e-3, 200.0, 5e-4),
+    "1b": (19_125, 1_912, 4096, 20.0, 2e-3, 300.0, 2e-4),
+}
+
+# -- section 4: EMA-Nesterov ----------------------------------------------------------------------------------
+EMA = {  # size: steps, window start, window end, beta, gamma (Muon); chosen, not in protocol.md: 350M's
+         # length and window (as 1B) and the batch, 2048 x 256
+    "60m": (2500, 750, 2000, 0.7, 0.99), "130m": (2500, 750, 2000, 0.7, 0.99),
+    "350m": (5000, 1500, 4000, 0.5, 0.99), "1b": (5000, 1500, 4000, 0.5, 0.999),
+}
+
+
+def _tags(table: str, row: str, size: str) -> dict:
+    return {"logger.wandb.group": table, "tags": [f"table:{table}", f"row:{row}", f"size:{size}"]}
+
+
+def scale_table(row: str, size: str) -> dict:
+    steps, warmup, tokens = SCALE_60M_STEPS if (row, size) == ("scale", "60m") else GP_STEPS[size]
+    exp = {**GALORE_PROTOCOL, **C4, **_tags("scale_table", row, size), "model.flavor": size,
+           "optimizer.name": row, "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens}
+    if row == "adam":
+        exp.update({"optimizer.lr": 1e-3, "optimizer.eps": 1e-8, "optimizer.weight_decay": 0.0})
+    elif row == "muon":
+        exp.update({"optimizer.lr": 0.02, "optimizer.momentum": 0.95, "optimizer.nesterov": True,
+                    "optimizer.ns_steps": 5, "optimizer.weight_decay": 0.0, "optimizer.adam_weight_decay": 0.0})
+    elif row == "galore":
+        exp.update({"optimizer.lr": 0.01, "optimizer.rank": GALORE_RANK[size], "optimizer.update_proj_gap": 200,
+                    "optimizer.scale": 0.25})
+    elif row == "fira":
+        exp.update({"optimizer.lr": 0.01, "optimizer.rank": GALORE_RANK[size], "optimizer.update_proj_gap": 200,
+                    "optimizer.alpha": FIRA_ALPHA[size]})
+    elif row == "apollo":
+        exp.update({"optimizer.lr": 0.01, "optimizer.rank": APOLLO_RANK[size], "optimizer.update_proj_gap": 200,
+                    "optimizer.scale": 1.0, "optimizer.proj": "random", "optimizer.scale_type": "channel"})
+    elif row == "apollo_mini":
+        exp.update({"optimizer.lr": 0.01, "optimizer.rank": 1, "optimizer.update_proj_gap": 200,
+                    "optimizer.scale": 128.0, "optimizer.scale_type": "tensor"})
+    elif row == "scale":
+        exp.update(scale_optimizer(size, "column", "output"))
+    if size == "7b" and row == "apollo":
+        exp["trainer.grad_clip"] = 1.0      # GaLore's 7B setting (section 1)
+    return exp
+
+
+def scale_optimizer(size: str, normalization: str, momentum_on: str) -> dict:
+    return {"optimizer.name": "scale", "optimizer.lr": SCALE_LR[size], "optimizer.momentum": 0.9,
+            "optimizer.adam_lr": SCALE_ADAM_LR[size], "optimizer.weight_decay": 0.0,
+            "optimizer.normalization": normalization, "optimizer.momentum_on": momentum_on}
+
+
+def scale_ablation(row: str, size: str) -> dict:
+    normalization, _, momentum = row.partition("_")
+    steps, warmup, tokens = SCALE_60M_STEPS if size == "60m" else GP_STEPS[size]
+    return {**GALORE_PROTOCOL, **C4, **_tags("scale_ablation", row, size), "model.flavor": size,
+            **scale_optimizer(size, normalization, "output" if momentum else "none"),
+            "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens}
+
+
+def sgd_ll_table(row: str, size: str) -> dict:
+    steps, warmup, batch, tokens, adam_lr, lr, tau = SGD_LL[size]
+    exp = {**C4, **_tags("sgd_ll_table", row, size), "model.flavor": size, "optimizer.name": row,
+           "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens, "trainer.global_batch_size": batch,
+           "trainer.precision": "amp_bf16", "trainer.grad_clip": 0.0, "schedule.name": "cosine",
+           "schedule.warmup_ratio": 0.1, "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": False,
+           "lookahead.name": "none"}
+    exp.update({"adam": {"optimizer.lr": adam_lr, "optimizer.weight_decay": 0.0},
+                "sgd": {"optimizer.lr": 0.5, "optimizer.momentum": 0.9, "optimizer.nesterov": False},
+                "sgd_ll": {"optimizer.lr": lr, "optimizer.momentum": 0.9, "optimizer.tau": tau,
+                           "optimizer.delta": 1e-3}}[row])
+    return exp
+
+
+def ema_nesterov(row: str, size: str) -> dict:
+    steps, start, end, beta, gamma = EMA[size]
+    if row == "adamw" and size in ("60m", "130m"):
+        beta, gamma = 0.5, 0.99             # the package README's AdamW setting; 0.7 is Muon's
+    exp = {**C4, "model.flavor": size, "optimizer.name": row, "lookahead.name": "ema_nesterov",
+           "logger.wandb.group": "ema_nesterov",
+           "tags": ["table:ema_nesterov", f"row:{row}+ema_nesterov", f"size:{size}"],
+           "lookahead.beta": beta, "lookahead.gamma": gamma, "lookahead.start_step": start,
+           "lookahead.end_step": end, "lookahead.init": "first_update", "trainer.steps": steps,
+           "warmup": steps // 10, "tokens_b": round(steps * 2048 * 256 / 1e9, 1),
+           "trainer.global_batch_size": 2048, "trainer.precision": "amp_bf16", "trainer.grad_clip": 0.0,
+           "schedule.name": "wsd", "schedule.warmup_ratio": 0.1,
+           "schedule.decay_ratio": 0.1, "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": False}
+    if row == "adamw":                      # the package README: AdamW(1e-3, betas 0.9/0.95, wd 1e-3)
+        exp.update({"optimizer.lr": 1e-3, "optimizer.betas": [0.9, 0.95], "optimizer.weight_decay": 1e-3})
+    return exp
+
+
+def expected() -> dict[str, dict]:
+    table = {}
+    for row in ["adam", "muon", "galore", "fira", "apollo", "apollo_mini", "scale"]:
+        for size in ["60m", "130m", "350m", "1b"] + (["7b"] if row in ("scale", "apollo") else []):
+            table[f"scale_table/{row}_{size}"] = scale_table(row, size)
+    for normalization in ["sign", "row", "column", "spectral"]:
+        for row in [normalization, f"{normalization}_momentum"]:
+            for size in ["60m", "130m", "350m"]:
+                table[f"scale_ablation/{row}_{size}"] = scale_ablation(row, size)
+    for row in ["adam", "sgd", "sgd_ll"]:
+        for size in SGD_LL:
+            table[f"sgd_ll_table/{row}_{size}"] = sgd_ll_table(row, size)
+    for row in ["muon", "adamw"]:
+        for size in EMA:
+            table[f"ema_nesterov/{row}_{size}"] = ema_nesterov(row, size)
+    return table
+
+
+EXPECTED = expected()
+
+
+@pytest.fixture(scope="module")
+def hydra_configs():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        yield
+
+
+def resolved(cfg, key: str):
+    """A dotted key, interpolations resolved (only that node: checkpoint.dir needs a Hydra runtime)."""
+    node = OmegaConf.select(cfg, key, throw_on_missing=True)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def test_every_experiment_has_an_expectation_and_every_expectation_a_file():
+    assert len(EXPERIMENTS) == 71
+    assert set(EXPERIMENTS) == set(EXPECTED), (
+        f"files without expectations: {sorted(set(EXPERIMENTS) - set(EXPECTED))}; "
+        f"expectations without files: {sorted(set(EXPECTED) - set(EXPERIMENTS))}")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_with_protocol_values(hydra_configs, name):
+    cfg = compose("train", overrides=[f"experiment={name}"])
+    exp = EXPECTED[name]
+    for key, value in exp.items():
+        if key in ("tags", "warmup", "tokens_b"):
+            continue
+        got = resolved(cfg, key)
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, f"{name}: {key}={got}"
+
+    # W&B: the group is the table; the tags name table, row and size, then the run's own lr and seed
+    tags = resolved(cfg, "logger.wandb.tags")
+    assert tags[:3] == exp["tags"]
+    assert tags[3:] == [f"lr:{resolved(cfg, 'optimizer.lr')}", f"seed:{cfg.seed}"]
+    assert cfg.seed == 42
+    run_name = resolved(cfg, "run_name")
+    assert run_name.startswith(name.split("/")[1].rsplit("_", 1)[0]) and "/" not in run_name
+
+    # tokens per run and warmup steps, as the trainer's schedule computes them
+    tcfg = trainer_config(cfg)
+    tokens = tcfg.steps * tcfg.global_batch_size * cfg.data.seq_len
+    assert abs(tokens / 1e9 - exp["tokens_b"]) < 0.07     # the papers print 7.86B as 7.8B, 19.66B as 19.7B
+    param = torch.nn.Parameter(torch.zeros(1))
+    schedule, _ = build_schedule(torch.optim.SGD([param], lr=1.0), steps=tcfg.steps,
+                                 **OmegaConf.to_container(cfg.schedule, resolve=True))
+    assert schedule.warmup == exp["warmup"]
+    assert schedule.num_updates == tcfg.steps + (1 if exp["schedule.reference_quirks"] else 0)
+
+    # the micro-batch fits 1, 2, 4 and 8 GPUs; the optimizer (and lookahead) accept every hyper-parameter
+    for world_size in (1, 2, 4, 8):
+        assert tcfg.accumulation(world_size) >= 1
+    opt_name, hparams, lookahead = optimizer_kwargs(cfg)
+    assert build_optimizer(micro_model(), opt_name, lookahead=lookahead, **hparams) is not None
+
+
+def test_choices_are_one_override_away(hydra_configs):
+    """Where the sources disagree, the alternative is a plain override (configs/experiment/README.md)."""
+    cfg = compose("train", overrides=["experiment=scale_table/galore_1b", "optimizer.rank=1024"])
+    assert cfg.optimizer.rank == 1024 and cfg.optimizer.name == "galore"
+    cfg = compose("train", overrides=["experiment=scale_table/scale_60m", "trainer.steps=10000",
+                                      "optimizer.adam_lr=${optimizer.lr}", "schedule.reference_quirks=false"])
+    assert cfg.trainer.steps == 10000 and cfg.optimizer.adam_lr == pytest.approx(1e-3)
+    assert cfg.schedule.reference_quirks is False
+    cfg = compose("train", overrides=["experiment=ema_nesterov/muon_60m", "lookahead=none", "lookahead.init=zero"])
+    assert optimizer_kwargs(cfg)[2] is None          # the base run: no lookahead wrapper
+    assert resolved(cfg, "logger.wandb.tags")[1] == "row:muon+none"
+    assert resolved(cfg, "run_name") == "muon_60m_none_lr0.02_seed42"
+
+
+def sweep_commands() -> list[list[str]]:
+    """The `python -m llmopt.train -m ...` commands of configs/experiment/README.md, as override lists."""
+    prefix = ["python", "-m", "llmopt.train", "-m"]
+    commands = []
+    for line in (CONFIGS / "experiment" / "README.md").read_text().splitlines():
+        words = shlex.split(line) if line.startswith("python -m llmopt.train -m ") else []
+        if words[:4] == prefix:
+            commands.append(words[4:])
+    return commands
+
+
+def test_readme_documents_local_and_slurm_sweeps():
+    commands = sweep_commands()
+    assert len(commands) == 10
+    assert sum(any(o.startswith("hydra/launcher=slurm") for o in c) for c in commands) == 3
+    assert any(any(o.startswith("optimizer.lr=") for o in c) for c in commands)
+    assert any(any(o.startswith("seed=") for o in c) for c in commands)
+
+
+def covering(jobs: list[list[str]]) -> list[list[str]]:
+    """Jobs of a sweep such that every value of every swept key appears in at least one of them."""
+    chosen, seen = [], set()
+    for job in jobs:
+        if not set(job) <= seen:
+            chosen.append(job)
+            seen |= set(job)
+    return chosen
+
+
+@pytest.mark.parametrize("overrides", sweep_commands(), ids=lambda c: " ".join(c)[:60])
+def test_documented_sweep_composes_every_value(hydra_configs, overrides):
+    """Expand a documented sweep as Hydra's basic sweeper does; compose jobs that cover every value."""
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    swept = {o.split("=", 1)[0]: o.split("=", 1)[1].split(",") for o in overrides if "," in o.split("=", 1)[1]}
+    expected_jobs = 1
+    for values in swept.values():
+        expected_jobs *= len(values)
+    assert len(jobs) == expected_jobs > 1
+    names = set()
+    for job in covering(jobs):
+        cfg = compose("train", overrides=list(job), return_hydra_config=True)
+        values = dict(o.split("=", 1) for o in job)
+        table, row = values["experiment"].split("/")
+        tags = resolved(cfg, "logger.wandb.tags")
+        assert tags[0] == f"table:{table}" and resolved(cfg, "logger.wandb.group") == table
+        if "lookahead" in values:
+            assert tags[1] == f"row:{row.rsplit('_', 1)[0]}+{values['lookahead']}"
+        else:
+            assert tags[1] == f"row:{row.rsplit('_', 1)[0]}"
+        if "optimizer.lr" in values:
+            assert cfg.optimizer.lr == pytest.approx(float(values["optimizer.lr"]))
+            assert f"lr:{cfg.optimizer.lr}" in tags
+        if "seed" in values:
+            assert cfg.seed == int(values["seed"]) and f"seed:{cfg.seed}" in tags
+        if "hydra/launcher" in values:
+            assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+            assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node
+        # one run directory per job: <sweep dir>/<job number>_<run_name>
+        assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${run_name}"
+        names.add(resolved(cfg, "run_name"))
+    assert len(names) > 1
