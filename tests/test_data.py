@@ -10,7 +10,6 @@ import gzip
 import json
 import logging
 import lzma
-import os
 import socket
 import threading
 import time
@@ -91,6 +90,42 @@ def test_truncate_pad_layout_matches_reference(sp):
     assert (lengths == L).any() and (lengths < L).any()  # both a truncated and a padded document
     assert {k: v.dtype for k, v in batch.items()} == dict.fromkeys(batch, torch.int64)
     assert data.vocab_size == 32000 and (data.pad_id, data.eos_id) == (PAD, EOS)
+
+
+@pytest.fixture(scope="module")
+def t5like(tmp_path_factory) -> Path:
+    """A t5-base-like transformers tokenizer: the shared 32k pieces + 100 <extra_id_*> sentinels = 32100 ids."""
+    from transformers import T5Tokenizer
+
+    path = tmp_path_factory.mktemp("t5like")
+    T5Tokenizer.from_pretrained(str(SPM)).save_pretrained(path)
+    return path
+
+
+def test_prefix_shortcut_is_exact(sp, t5like):
+    """truncate_pad tokenizes only a prefix of long texts (cut at a space); the rows must not change."""
+    from transformers import AutoTokenizer
+
+    from llmopt.data.encode import Encoder
+
+    edge = ["a " + "z" * 5000, "nospace" * 900, "word " * 2000, ""]  # redo whole, no space, many pieces, empty
+    texts = c4_texts() + edge
+    for L in (16, 256):
+        enc = Encoder("sentencepiece", SPM.read_bytes(), mode="truncate_pad", seq_len=L, eos_id=EOS, unk_id=2,
+                      vocab_size=32000)
+        ids, lengths = enc.encode(texts)
+        expected = [sp.encode(t)[: L - 1] + [EOS] for t in texts]
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert ids.tolist() == [i for e in expected for i in e]
+        assert enc._prefix_safe and sum(len(t) > 6 * L for t in texts) > 100  # the shortcut was taken
+    hf = AutoTokenizer.from_pretrained(t5like)
+    texts = c4_texts()[:300] + edge
+    enc = Encoder("tokenizers", hf.backend_tokenizer.to_str(), mode="truncate_pad", seq_len=64, eos_id=EOS,
+                  unk_id=2, vocab_size=len(hf))
+    ids, lengths = enc.encode(texts)
+    expected = hf(texts, max_length=64, truncation=True)["input_ids"]
+    assert enc._prefix_safe and ids.tolist() == [i for e in expected for i in e]
+    assert lengths.tolist() == [len(e) for e in expected]
 
 
 def test_truncate_pad_equals_transformers_call_for_hf_tokenizers(tmp_path):
@@ -351,7 +386,7 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         build_data(local_cfg(files=(tmp_path / "empty.jsonl",)), micro_batch_size=2)
-    cut = gzip.compress(C4_VAL.read_bytes()[:200_000])
+    cut = gzip.compress(gzip.decompress(C4_VAL.read_bytes()))
     (tmp_path / "cut.jsonl.gz").write_bytes(cut[: len(cut) // 2])  # a truncated download
     data = build_data(local_cfg(files=(tmp_path / "cut.jsonl.gz",)), micro_batch_size=2)
     with pytest.raises(ValueError, match="cut.jsonl.gz: cannot be read to the end"):
@@ -400,7 +435,7 @@ def test_config_errors():
         build_data(local_cfg(), micro_batch_size=2, rank=2, world_size=2)
 
 
-def test_vocab_checks(tmp_path):
+def test_vocab_checks():
     data = build_data(local_cfg(), micro_batch_size=2)
     data.check_vocab(32000)
     with pytest.raises(ValueError, match=r"emits ids up to 31999.*only 512 entries"):
@@ -409,15 +444,12 @@ def test_vocab_checks(tmp_path):
         build_data(local_cfg(vocab_size=1000), micro_batch_size=2)
 
 
-def test_t5_sentinels_are_cut_off_at_vocab_size(tmp_path):
+def test_t5_sentinels_are_cut_off_at_vocab_size(tmp_path, t5like):
     """A t5-base-like tokenizer (32000 pieces + 100 <extra_id_*> sentinels = 32100 ids) with data.vocab_size
     32000, as in configs/data/c4.yaml: the model never sees an id >= 32000, even for text naming a sentinel."""
-    from transformers import T5Tokenizer
-
-    T5Tokenizer.from_pretrained(str(SPM)).save_pretrained(tmp_path / "t5like")
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"text": "a sentinel <extra_id_0> in the text"}) + "\n")
-    cfg = local_cfg(files=(path,), tokenizer=str(tmp_path / "t5like"))
+    cfg = local_cfg(files=(path,), tokenizer=str(t5like))
     assert len(build_data(cfg, micro_batch_size=1).tokenizer) == 32100
     with pytest.raises(ValueError, match=r"emits ids up to 32099"):
         build_data(cfg, micro_batch_size=1).check_vocab(32000)
@@ -475,4 +507,3 @@ def test_train_tokenizer_command(tmp_path):
         300, 0, 1, 2, -1)
     data = build_data(local_cfg(tokenizer=str(tmp_path / "t300.model")), micro_batch_size=4)
     assert data.vocab_size == 300 and int(next(data.train)["input_ids"].max()) < 300
-    os.remove(tmp_path / "t300.model")

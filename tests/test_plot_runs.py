@@ -18,7 +18,7 @@ from llmopt.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "plot_runs.py"
-STEPS, EVERY, EVAL_EVERY = 60, 5, 20
+STEPS, EVERY, EVAL_EVERY = 40, 4, 20
 RUNS = {  # dir name: (optimizer, hyper-parameters, lookahead)
     "adamw": ("adamw", {"lr": 3e-3}, None),
     "sgd_ll": ("sgd_ll", {"lr": 10.0, "tau": 5e-3, "delta": 2.5e-3}, None),

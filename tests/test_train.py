@@ -64,7 +64,8 @@ def test_metrics_keys(tmp_path):
     records = metrics(run_dir)
     first = records[0]
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "perf/token_slots_per_s",
-                "perf/step_time_s", "perf/peak_memory_gb", "model/params", "memory/paper_gb"):
+                "perf/step_time_s", "perf/data_wait_frac", "perf/peak_memory_gb", "model/params",
+                "memory/paper_gb"):
         assert key in first, key
     assert first["step"] == 1 and first["model/params"] > 0
     assert records[-1]["eval/loss"] > 0 and records[-1]["eval/tokens"] > 3000

@@ -13,32 +13,19 @@ The contract with the trainer:
     data.entropy_per_token    optimal loss per predicted token (nats) when the corpus is synthetic, else None
     data.close()              stop background workers (also done at exit)
 
-Every batch is dict(input_ids, labels, attention_mask) of CPU int64 tensors [B, seq_len]; labels are the
-inputs with padding set to -100 (not shifted: transformers shifts). The data config keys are documented in
-llmopt.data.config, the pipeline (workers, resume, validation set) in llmopt.data.pipeline, the sources in
-llmopt.data.sources, the synthetic corpus in llmopt.data.synthetic.
-
-Names are imported lazily so that tokenizer worker processes (which import llmopt.data.encode) start fast.
+data.train is a plain iterator, already split by rank: do not hand it to accelerator.prepare (Accelerate
+would shard it again). Every batch is dict(input_ids, labels, attention_mask) of CPU int64 tensors
+[B, seq_len]; labels are the inputs with padding set to -100 (not shifted: transformers shifts). The data
+config keys are documented in llmopt.data.config, the pipeline (workers, resume, validation set) in
+llmopt.data.pipeline, the sources in llmopt.data.sources, the synthetic corpus in llmopt.data.synthetic.
 """
 
-from importlib import import_module
+from llmopt.data.build import Data, build_data
+from llmopt.data.config import DataConfig, parse_config
+from llmopt.data.pipeline import BadRecordError
+from llmopt.data.sources import HubUnreachableError
+from llmopt.data.synthetic import SyntheticCorpus, SyntheticSpec, entropy_per_token
+from llmopt.data.tokenizer import SentencePieceTokenizer
 
-_EXPORTS = {
-    "build_data": "llmopt.data.build",
-    "Data": "llmopt.data.build",
-    "parse_config": "llmopt.data.config",
-    "DataConfig": "llmopt.data.config",
-    "HubUnreachableError": "llmopt.data.sources",
-    "BadRecordError": "llmopt.data.pipeline",
-    "SentencePieceTokenizer": "llmopt.data.tokenizer",
-    "entropy_per_token": "llmopt.data.synthetic",
-    "SyntheticCorpus": "llmopt.data.synthetic",
-    "SyntheticSpec": "llmopt.data.synthetic",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'llmopt.data' has no attribute {name!r}")
+__all__ = ["BadRecordError", "Data", "DataConfig", "HubUnreachableError", "SentencePieceTokenizer",
+           "SyntheticCorpus", "SyntheticSpec", "build_data", "entropy_per_token", "parse_config"]

@@ -1,7 +1,7 @@
 """The data config: one `configs/data/<name>.yaml`, resolved to a plain dict, checked once here.
 
 Keys (top level):
-  name            label used in logs and in the resume fingerprint
+  name            a label (saved with the run's config; not part of the resume fingerprint)
   mode            "truncate_pad" (one document per sequence, the papers' protocol) or "packed"
   seq_len         tokens per sequence (>= 2: a causal LM needs one input and one target)
   tokenizer       a Hugging Face name ("t5-base"), a local path (SentencePiece .model, tokenizers .json,
@@ -12,7 +12,7 @@ Keys (top level):
   eval_tokens     the validation set: the first sequences of the eval stream holding at least this many
                   non-pad tokens (10M in the protocol); null = the whole eval source
   shuffle_seed    seed of the sources' shuffle; null = the run seed for train and 0 for eval
-  num_workers     tokenizer processes per rank (0 = tokenize in the calling thread)
+  num_workers     DataLoader worker processes per rank that tokenize (0 = in the training process)
   on_bad_record   "skip" (count and warn) or "fail", for records that cannot be parsed
   data_dir        base of relative paths; null = the project root (the directory holding pyproject.toml)
   synthetic       parameters of the synthetic corpus (see llmopt.data.synthetic.SyntheticSpec)
@@ -171,6 +171,8 @@ def parse_config(data_cfg: Mapping) -> DataConfig:
         _int("data.vocab_size", cfg.vocab_size, 3)
     if cfg.eval_tokens is not None:
         _int("data.eval_tokens", cfg.eval_tokens, 1)
+    if isinstance(cfg.hub_timeout_s, bool) or not isinstance(cfg.hub_timeout_s, (int, float)) or cfg.hub_timeout_s <= 0:
+        raise ValueError(f"data.hub_timeout_s must be a number of seconds > 0, got {cfg.hub_timeout_s!r}")
     if not isinstance(cfg.synthetic, dict):
         raise ValueError(f"data.synthetic must be a mapping, got {cfg.synthetic!r}")
     return cfg

@@ -19,7 +19,7 @@ record in this rank's epoch stream) plus, in packed mode, the tokens left in the
 workers prefetched beyond that is dropped on resume and tokenized again. Resuming re-opens the rank's stream at
 the start of that epoch (same seed, same `set_epoch`, so the same shuffled order; datasets' own state_dict
 would lose the shuffle buffer) and skips `index` records at the raw level, without tokenizing them: free for
-the synthetic corpus, ~20k records/s for local JSON lines, network-bound for the Hub.
+the synthetic corpus, ~30k records/s for local JSON lines, network-bound for the Hub.
 
 Sequence modes
 --------------

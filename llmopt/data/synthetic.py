@@ -185,10 +185,6 @@ class SyntheticCorpus:
             return float(loss / targets)
         raise ValueError(f"mode must be 'packed' or 'truncate_pad', got {mode!r}")
 
-    def mean_doc_tokens(self) -> float:
-        """Mean tokens per document including its EOS."""
-        return self.spec.mean_doc_words + 1.0
-
 
 def build_tokenizer(spec: SyntheticSpec):
     """The corpus's word-level tokenizer (pad 0, eos 1, unk 2) as a transformers PreTrainedTokenizerFast;

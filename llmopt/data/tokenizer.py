@@ -2,8 +2,8 @@
 
   "synthetic"              the offline corpus's word-level tokenizer (transformers PreTrainedTokenizerFast)
   a SentencePiece .model   used through the sentencepiece library itself (`SentencePieceTokenizer`): exact
-                           for the model file, and ~8x faster than its transformers conversion, whose unigram
-                           tie-breaking differs on ~0.2% of C4 documents
+                           for the model file, and 3-6x faster than its transformers conversion (whose unigram
+                           tie-breaking also differs on ~0.2% of C4 documents)
   a tokenizers .json       transformers PreTrainedTokenizerFast over it
   a directory / Hub name   transformers AutoTokenizer (Hub names are tried in the local cache first, then the
                            Hub is probed so that an offline machine fails fast with a clear message)
@@ -114,7 +114,7 @@ def _from_hub_or_dir(name: str, cfg: DataConfig, local_dir: Path | None):
         return AutoTokenizer.from_pretrained(str(local_dir))
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=True)  # a cached copy works offline
-    except OSError:
+    except (OSError, ValueError):
         from llmopt.data.sources import check_hub
 
         check_hub(f"data.tokenizer {name!r} (not in the local Hugging Face cache)", cfg.hub_timeout_s)

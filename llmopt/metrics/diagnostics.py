@@ -43,8 +43,8 @@ q, k, v, o, gate, up, down, attn_norm, mlp_norm; "embed" (token embedding), "hea
   diag/global/loss_spike         logged losses since the last record that exceeded (1 + spike_threshold)
                                  x the median of the previous `spike_window` logged losses (non-finite
                                  losses count as spikes)
-  diag/global/loss_spike_ratio   the largest loss / trailing-median ratio among them (absent until
-                                 enough losses were seen)
+  diag/global/loss_spike_ratio   the largest loss / trailing-median ratio over the losses logged since
+                                 the last record (absent until 5 losses were seen; median = upper middle)
   diag/head/token_grad_norm_{q50,q90,q99,max}   quantiles (linear interpolation) of the per-vocabulary-
                                  row norms of the lm_head gradient, the "Type II" irregularity
   diag/head/token_grad_norm_max_over_median

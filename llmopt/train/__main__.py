@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
     except NonFiniteError as err:
         print(f"llmopt: stopped: {err}", file=sys.stderr)
         sys.exit(3)
-    print("\n" + format_summary(summary))
+    if summary.get("is_main", True):
+        print("\n" + format_summary(summary))
     if summary.get("preempted"):
         print(f"preempted: checkpoint written; exiting with {PREEMPTED_EXIT_CODE} so the job is requeued")
         sys.exit(PREEMPTED_EXIT_CODE)

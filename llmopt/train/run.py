@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -26,9 +27,9 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the sbatch templates requ
 
 log = logging.getLogger("llmopt")
 
-# optimizers whose update needs whole rows (across dim 1) or whole tensors/matrices: FSDP2 shards by rows
-# of dim 0, so SCALE's embedding normalization, SGD-LL's per-tensor RMS and Muon/GaLore's matrix maths
-# would silently use a shard. They run under DDP; under FSDP the trainer refuses them.
+# optimizers whose update needs whole columns or whole tensors/matrices: FSDP2 shards by rows (dim 0), so
+# SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
+# would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
 TRAINER_ONLY_KEYS = ("compile", "device")
 
@@ -55,8 +56,21 @@ def build_accelerator(precision: str, device: str):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    return Accelerator(mixed_precision="bf16" if precision == "amp_bf16" else "no", cpu=device == "cpu",
-                       step_scheduler_with_optimizer=False)
+    from accelerate.state import AcceleratorState
+
+    mixed = "bf16" if precision == "amp_bf16" else "no"
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed:
+        # several runs in one process (sweeps, benchmarks) may differ in precision; Accelerate keeps one
+        # process-wide state, which must be reset to change it (the distributed setup is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
+    # without CUDA, "auto" must still set up gloo under torchrun / accelerate launch
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, step_scheduler_with_optimizer=False)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ValueError(f"the launcher started {launched} processes but Accelerate set up "
+                         f"{accelerator.num_processes}; check the accelerate config / trainer.device")
+    return accelerator
 
 
 def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision: str, device) -> None:
@@ -94,6 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=tcfg.micro_batch_size,
                       rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed)
     data.check_vocab(model_config.vocab_size)
+    run_dir, checkpoint_dir = _same_on_every_rank(accelerator, run_dir, Path(cfg.checkpoint.dir))
 
     # -- build --------------------------------------------------------------------------------------
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
@@ -110,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    checkpointer = Checkpointer(cfg.checkpoint.dir, accelerator, every=cfg.checkpoint.every,
+    checkpointer = Checkpointer(checkpoint_dir, accelerator, every=cfg.checkpoint.every,
                                 keep=cfg.checkpoint.keep,
                                 sharded=accelerator.distributed_type == DistributedType.FSDP)
     diagnostics = None
@@ -133,19 +148,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     stop_signal.install()
     try:
         summary = trainer.fit()
-        checkpointer.save(trainer)
+        if cfg.checkpoint.final or trainer.preempted:
+            checkpointer.save(trainer)
         if cfg.checkpoint.export_hf and not trainer.preempted and accelerator.is_main_process:
             export_hf(accelerator.unwrap_model(loss_model).lm, run_dir / "hf_model")
     finally:
         stop_signal.uninstall()
         loggers.close()
         data.close()
-    summary.update({"run_dir": str(run_dir), "optimizer": opt_name, "lookahead": bool(lookahead),
+    summary.update({"run_dir": str(run_dir), "is_main": accelerator.is_main_process, "optimizer": opt_name, "lookahead": bool(lookahead),
                     "flavor": cfg.model.flavor, "precision": tcfg.precision, "params": counts["total"],
                     "optimizer_state_bytes": state_bytes(optimizer), **fixed})
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tuple[Path, Path]:
+    """Rank 0's run and checkpoint directories for every rank: Hydra names them from the clock, and ranks
+    that start in different seconds would otherwise disagree."""
+    if accelerator.num_processes == 1:
+        return run_dir, checkpoint_dir
+    from accelerate.utils import broadcast_object_list
+
+    chosen = broadcast_object_list([str(run_dir), str(checkpoint_dir)], from_process=0)
+    if not accelerator.is_main_process and str(run_dir) != chosen[0]:
+        remove_if_empty(run_dir)
+    return Path(chosen[0]), Path(chosen[1])
 
 
 def _resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:

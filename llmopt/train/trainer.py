@@ -81,6 +81,7 @@ class Trainer:
         # non-pad input tokens over all ranks, kept on the device: read back only when logged
         self._tokens_seen = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         self.train_iter = iter(data.train)
+        self._data_wait_s = 0.0    # host time spent waiting for batches since the last log record
 
     @property
     def tokens_seen(self) -> int:
@@ -98,8 +99,10 @@ class Trainer:
     def train_step(self) -> dict:
         acc, device = self.accelerator, self.accelerator.device
         logging_now = self._due(self.config.log_every, self.step + 1)
-        batches = [{k: v.to(device, non_blocking=True) for k, v in next(self.train_iter).items()}
-                   for _ in range(self.accumulation)]
+        waited = time.perf_counter()
+        host_batches = [next(self.train_iter) for _ in range(self.accumulation)]
+        self._data_wait_s += time.perf_counter() - waited
+        batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
         counts = torch.stack([torch.stack([(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()])
                               for b in batches]).sum(0)
         totals = acc.reduce(counts.double(), reduction="sum")   # [target tokens, input tokens], all ranks
@@ -196,7 +199,9 @@ class Trainer:
                 metrics = {"train/loss": out["loss"].item(), "train/lr": self.scheduler.get_last_lr()[0],
                            "train/grad_norm": out["grad_norm"].item(), "train/tokens": self.tokens_seen,
                            "perf/token_slots_per_s": slots_per_s, "perf/step_time_s": elapsed / steps,
+                           "perf/data_wait_frac": self._data_wait_s / max(elapsed, 1e-9),
                            "perf/peak_memory_gb": peak_memory_bytes(acc.device) / 1e9}
+                self._data_wait_s = 0.0
                 if self.flops_per_token and self.peak_flops:
                     metrics["perf/mfu"] = slots_per_s * self.flops_per_token / (self.peak_flops * acc.num_processes)
                 if self.skipped_steps:

@@ -1,0 +1,138 @@
+"""End-to-end training throughput through the real trainer and data pipeline, against a plain loop.
+
+For each case: the trainer (Hydra config composed as the CLI does) on the C4 sample, `steps` updates,
+tokens/s (token slots, pad included, as the GPU computes them), MFU, peak memory and the fraction of
+host time spent waiting for data, all read from the run's metrics.jsonl (first log interval, which
+holds compilation, excluded). In the same process, the baseline: a loop like the papers' reference
+code (transformers LlamaForCausalLM, eager, pure bf16, torch AdamW, random tokens), timed the same way.
+
+Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--out F]
+DIR holds c4/*.jsonl.gz and tokenizers/llmopt-en-32k.model (../shared/data has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = {"60m": 64, "130m": 64, "350m": 32, "1b": 16, "7b": 4}
+DEFAULT_CASES = ["60m:adamw:bf16_pure", "60m:scale:bf16_pure", "60m:adamw:amp_bf16", "60m:adamw:bf16_pure:packed",
+                 "130m:adamw:bf16_pure", "130m:scale:bf16_pure", "350m:scale:bf16_pure", "1b:adamw:bf16_pure",
+                 "1b:scale:bf16_pure"]
+
+
+def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmopt.train.run import run
+
+    flavor, optimizer, precision, *rest = case.split(":")
+    mode = rest[0] if rest else "truncate_pad"
+    micro = MICRO[flavor]
+    overrides = [f"model={flavor}", f"optimizer={optimizer}", "data=c4_local", f"data.data_dir={data_dir}",
+                 f"data.mode={mode}", "data.num_workers=2", "data.eval_tokens=150000",
+                 f"trainer.precision={precision}", f"trainer.compile={str(compile_model).lower()}",
+                 f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={2 * micro}",
+                 f"trainer.steps={steps}", "trainer.log_every=5", f"trainer.eval_every={10 * steps}",
+                 "trainer.eval_batch_size=64", "checkpoint.export_hf=false", "checkpoint.final=false",
+                 "schedule=constant"]
+    GlobalHydra.instance().clear()
+    torch._dynamo.reset()  # each case compiles a new model: keep earlier cases from filling the recompile limit
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = compose("train", overrides=[*overrides, f"checkpoint.dir={tmp}/ckpt"])
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            summary = run(cfg, Path(tmp) / "run")
+            wall = time.perf_counter() - t0
+            records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in records if "perf/token_slots_per_s" in r][1:]  # the first interval holds compilation
+    return {"case": case, "compile": compile_model,
+            "tok_s": statistics.median(r["perf/token_slots_per_s"] for r in logs),
+            "mfu": statistics.median(r.get("perf/mfu", 0.0) for r in logs),
+            "data_wait": statistics.median(r["perf/data_wait_frac"] for r in logs),
+            "peak_gb": max(r["perf/peak_memory_gb"] for r in logs), "wall_s": wall,
+            "final_loss": records[-1].get("train/loss"), "eval_tokens": summary.get("eval/tokens")}
+
+
+def reference_loop(flavor: str, steps: int) -> dict:
+    """The papers' reference loop: HF eager, the whole model in bf16, torch AdamW, no compile."""
+    from llmopt.model import build_model, llama_config
+
+    device = torch.device("cuda")
+    model = build_model(llama_config(flavor), device=device, dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = MICRO[flavor]
+    tokens = torch.randint(0, 32000, (batch, 256), device=device)
+    times = []
+    for i in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    del model, opt
+    torch.cuda.empty_cache()
+    return {"case": f"{flavor}:reference_eager", "tok_s": batch * 256 / statistics.median(times)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
+    ap.add_argument("--reference", nargs="*", default=["60m", "130m", "350m", "1b"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_train needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for flavor in args.reference:
+        record(reference_loop(flavor, steps=15))
+    for case in args.cases:
+        try:
+            record(trainer_case(case, args.data_dir, args.steps, not args.no_compile))
+        except Exception as err:  # keep measuring the other cases; the error is part of the record
+            record({"case": case, "error": f"{type(err).__name__}: {err}"[:500]})
+    ref = {r["case"].split(":")[0]: r["tok_s"] for r in rows if r["case"].endswith("reference_eager")}
+    print(f"{'case':32} {'tok/s':>10} {'x eager':>8} {'MFU':>6} {'data wait':>9} {'peak GB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:32} ERROR {r['error'][:80]}")
+            continue
+        base = ref.get(r["case"].split(":")[0])
+        ratio = f"{r['tok_s'] / base:.2f}" if base and "reference" not in r["case"] else "-"
+        mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
+        wait = f"{100 * r['data_wait']:.1f}%" if "data_wait" in r else "-"
+        peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
+        print(f"{r['case']:32} {r['tok_s']:10,.0f} {ratio:>8} {mfu:>6} {wait:>9} {peak:>8}")
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "date": time.strftime("%Y-%m-%d")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Checkpoints: exact resume for every optimizer and both data modes, preemption by a real signal,
+non-finite values, and a process killed while writing a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmopt.train.checkpoint import Checkpointer
+from tests.train_helpers import C4_SMALL, ROOT, metrics, run_cli, run_in_process
+
+OPTIMIZERS = {
+    "adamw": ["optimizer=adamw", "optimizer.lr=3e-3"],
+    "adam": ["optimizer=adam", "optimizer.lr=3e-3"],
+    "sgd": ["optimizer=sgd", "optimizer.lr=0.3"],
+    "muon": ["optimizer=muon"],
+    "sgd_ll": ["optimizer=sgd_ll", "optimizer.tau=1e-3"],
+    "scale": ["optimizer=scale", "optimizer.lr=3e-3"],
+    "galore": ["optimizer=galore", "optimizer.rank=4", "optimizer.update_proj_gap=2"],
+    "fira": ["optimizer=fira", "optimizer.rank=4", "optimizer.update_proj_gap=2"],
+    "apollo": ["optimizer=apollo", "optimizer.rank=4", "optimizer.update_proj_gap=2"],
+    "apollo_mini": ["optimizer=apollo_mini", "optimizer.update_proj_gap=2"],
+    "ema_nesterov+adamw": ["optimizer=adamw", "optimizer.lr=3e-3", "lookahead=ema_nesterov",
+                           "lookahead.start_step=1", "lookahead.init=first_update"],
+    "ema_nesterov+scale": ["optimizer=scale", "optimizer.lr=3e-3", "lookahead=ema_nesterov"],
+}
+CASES = [(name, "truncate_pad") for name in OPTIMIZERS] + [
+    (name, "packed") for name in ("adamw", "sgd_ll", "scale", "ema_nesterov+scale")]
+
+
+def _hf_state(run_dir: Path) -> dict:
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(run_dir / "hf_model").state_dict()
+
+
+@pytest.mark.parametrize("name, mode", CASES)
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, name, mode):
+    common = [*C4_SMALL, f"data.mode={mode}", "trainer.steps=6", "trainer.eval_every=3", "checkpoint.export_hf=true",
+              "schedule.warmup_ratio=0.34", *OPTIMIZERS[name]]
+    full, full_dir = run_in_process(tmp_path, [*common, "checkpoint.every=3"], name="full")
+    step3 = full_dir / "checkpoints" / "step_00000003"
+    assert Checkpointer.verify(step3) is None
+    resumed, resumed_dir = run_in_process(tmp_path, [*common, f"checkpoint.resume={step3}"], name="resumed")
+
+    ref, got = _hf_state(full_dir), _hf_state(resumed_dir)
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    ref_losses = {m["step"]: m["train/loss"] for m in metrics(full_dir) if m["step"] > 3 and "train/loss" in m}
+    got_losses = {m["step"]: m["train/loss"] for m in metrics(resumed_dir) if "train/loss" in m}
+    assert got_losses == ref_losses and sorted(got_losses) == [4, 5, 6]
+    for key in ("eval/loss", "eval/paper_loss", "tokens_seen", "step"):
+        assert resumed[key] == full[key], key
+
+
+def test_truncated_or_corrupt_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    _, run_dir = run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=4", "checkpoint.every=1", "checkpoint.keep=3"])
+    ckpt = Checkpointer(run_dir / "checkpoints", accelerator=None)
+    names = [p.name for p in ckpt.checkpoints()]
+    assert names == ["step_00000002", "step_00000003", "step_00000004"]  # the last 3 kept
+    newest = ckpt.checkpoints()[-1]
+    model_file = newest / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-100])          # truncated
+    assert "truncated" in Checkpointer.verify(newest)
+    middle = ckpt.checkpoints()[-2] / "optimizer.pt"
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                     # one flipped byte
+    middle.write_bytes(bytes(data))
+    assert "corrupt" in Checkpointer.verify(ckpt.checkpoints()[-2])
+    with caplog.at_level("WARNING", logger="llmopt"):
+        assert ckpt.latest_valid().name == "step_00000002"
+    assert "skipping checkpoint" in caplog.text and "truncated" in caplog.text
+
+
+def _wait_for(predicate, timeout=120.0, interval=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def _start(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, "-m", "llmopt.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path, sig):
+    ckpt_dir = tmp_path / "ckpt"
+    args = ["trainer.steps=60", "trainer.log_every=1", "trainer.eval_every=1000", "data.eval_tokens=2000",
+            f"checkpoint.dir={ckpt_dir}", f"output_root={tmp_path}", "run_name=pre"]
+    proc = _start(args, tmp_path)
+    assert _wait_for(lambda: any(p.stat().st_size > 0 for p in tmp_path.glob("*/*_pre/metrics.jsonl"))), \
+        proc.communicate()[1][-2000:]
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert f"received {sig.name}" in out + err and "preempted" in out
+    ckpts = Checkpointer(ckpt_dir, accelerator=None).checkpoints()
+    assert len(ckpts) == 1 and Checkpointer.verify(ckpts[0]) is None
+    stopped_at = int(ckpts[0].name.split("_")[1])
+    assert 0 < stopped_at < 60
+    summary = json.loads(next(tmp_path.glob("*/*_pre/summary.json")).read_text())
+    assert summary["preempted"] is True and summary["step"] == stopped_at
+
+    # the requeued job: same checkpoint dir, resume=auto, finishes the schedule
+    done = run_cli([*args[:-1], "run_name=pre2"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {ckpts[0]}" in done.stdout + done.stderr
+    summary = json.loads(next(tmp_path.glob("*/*_pre2/summary.json")).read_text())
+    assert summary["step"] == 60 and summary["preempted"] is False
+
+
+def test_nonfinite_loss_stops_with_a_clear_message_and_intact_checkpoints(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    out = run_cli(["optimizer=sgd", "optimizer.lr=1e6", "trainer.steps=50", "trainer.log_every=1",
+                   "checkpoint.every=1", f"checkpoint.dir={ckpt_dir}", f"output_root={tmp_path}"], cwd=tmp_path)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "non-finite loss or gradient at step" in out.stderr and "trainer.nonfinite=skip" in out.stderr
+    ckpt = Checkpointer(ckpt_dir, accelerator=None)
+    latest = ckpt.latest_valid()
+    assert latest is not None and Checkpointer.verify(latest) is None
+    state = torch.load(latest / "model.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_nonfinite_skip_counts_and_leaves_parameters_alone(tmp_path):
+    """trainer.nonfinite=skip: a step with a non-finite loss changes nothing and is counted."""
+    from llmopt.train.trainer import Trainer, TrainerConfig
+
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.full((3,), float("nan"))
+    trainer = Trainer.__new__(Trainer)
+    trainer.config = TrainerConfig(nonfinite="skip")
+    trainer.optimizer = torch.optim.SGD(params, lr=1.0)
+    trainer.skipped_steps = 0
+    assert trainer._finite(torch.tensor(float("nan")), None) is False
+    assert trainer.skipped_steps == 1 and params[0].grad is None and torch.equal(params[0], torch.ones(3))
+    assert trainer._finite(torch.tensor(1.0), torch.tensor(2.0)) is True
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_loadable(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    args = ["trainer.steps=60", "trainer.log_every=50", "trainer.eval_every=1000", "checkpoint.every=1",
+            "checkpoint.keep=2", "data.eval_tokens=2000", f"checkpoint.dir={ckpt_dir}", f"output_root={tmp_path}"]
+    proc = _start(args, tmp_path)
+    # wait until at least one checkpoint is complete and the next one is being written, then kill -9
+    assert _wait_for(lambda: len(list(ckpt_dir.glob("step_*"))) >= 1 and list(ckpt_dir.glob(".tmp_step_*")),
+                     interval=0.001)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = Checkpointer(ckpt_dir, accelerator=None)
+    latest = ckpt.latest_valid()
+    assert latest is not None and Checkpointer.verify(latest) is None
+    for name in ("model.pt", "optimizer.pt", "trainer.pt", "rank0.pt"):
+        torch.load(latest / name, weights_only=False)
+    resumed = run_cli([*args, "run_name=after"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
