@@ -34,6 +34,14 @@ def role_groups(params: Iterable) -> list[dict]:
     return out
 
 
+def evaluate_closure(closure):
+    """torch optimizers' closure protocol: re-evaluate the loss, with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def check_nonnegative(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not value >= 0:

@@ -99,6 +99,8 @@ from typing import Any
 
 import torch
 
+from llmopt.optim.common import evaluate_closure
+
 __all__ = ["LOWRANK_METHODS", "LowRankAdamW", "build_lowrank", "lowrank_state_elements"]
 
 LOWRANK_METHODS = ("galore", "fira", "apollo", "apollo_mini")
@@ -207,10 +209,7 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self.lowrank.step()
         if self.adamw is not None:
             self.adamw.step()

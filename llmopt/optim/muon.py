@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.optim.common import OptimizerWrapper, check_choice, check_nonnegative, check_unit_interval
+from llmopt.optim.common import OptimizerWrapper, check_choice, check_nonnegative, check_unit_interval, evaluate_closure
 
 ADJUST_LR = ("original", "match_rms_adamw")
 
@@ -39,10 +39,7 @@ class MuonWithAdamW(OptimizerWrapper):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss

@@ -32,6 +32,7 @@ from llmopt.optim.common import (
     check_choice,
     check_nonnegative,
     check_unit_interval,
+    evaluate_closure,
     newton_schulz,
     role_groups,
 )
@@ -76,10 +77,7 @@ class SCALE(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.optim.common import check_nonnegative, check_unit_interval, role_groups
+from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups
 
 
 class SGDLL(torch.optim.Optimizer):
@@ -30,10 +30,7 @@ class SGDLL(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             lr, tau, delta = group["lr"], group["tau"], group["delta"]
             clip_rows = group["role"] == "output" and delta is not None

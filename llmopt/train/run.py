@@ -156,8 +156,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         stop_signal.uninstall()
         loggers.close()
         data.close()
-    summary.update({"run_dir": str(run_dir), "is_main": accelerator.is_main_process, "optimizer": opt_name, "lookahead": bool(lookahead),
-                    "flavor": cfg.model.flavor, "precision": tcfg.precision, "params": counts["total"],
+    summary.update({"run_dir": str(run_dir), "is_main": accelerator.is_main_process, "optimizer": opt_name,
+                    "lookahead": bool(lookahead), "flavor": cfg.model.flavor, "precision": tcfg.precision,
+                    "params": counts["total"],
                     "optimizer_state_bytes": state_bytes(optimizer), **fixed})
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
