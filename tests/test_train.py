@@ -150,3 +150,17 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
         assert "Traceback" not in out.stderr
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
+
+
+def test_tiny_model_learns_the_offline_corpus_towards_its_entropy(tmp_path):
+    """The offline corpus has a known loss floor (its entropy per token): a short run gets most of the way
+    from the uniform loss ln(512) = 6.24 towards it, and never below it."""
+    from omegaconf import OmegaConf
+
+    from llmopt.data.synthetic import entropy_per_token
+    summary, _ = run_in_process(tmp_path, ["trainer.steps=150", "optimizer.lr=1e-2", "trainer.micro_batch_size=32",
+                                           "trainer.eval_every=150", "trainer.log_every=50", "data.eval_tokens=20000",
+                                           "checkpoint.final=false", "checkpoint.export_hf=false"])
+    floor = entropy_per_token(OmegaConf.to_container(compose_config([]).data, resolve=True))
+    assert 3.8 < floor < 4.0
+    assert floor - 0.02 < summary["eval/loss"] < floor + 0.6, (summary["eval/loss"], floor)
