@@ -41,13 +41,21 @@ NORMALIZATIONS = ("column", "row", "sign", "spectral", "none")
 MOMENTUM_ON = ("output", "all", "none")
 
 
+def unit_dim(kind: str, transposed: bool) -> int:
+    """The dimension "column"/"row" normalization reduces over. "column": one scale per output unit;
+    output units are rows of [out, in], columns when the weight is stored transposed (the embedding)."""
+    return 1 if (kind == "column") != transposed else 0
+
+
+def rms_scale(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """sqrt(mean(g^2)) over `dim`, floored at 1e-8, in one pass over g (a norm accumulates in fp32)."""
+    return torch.linalg.vector_norm(g, dim=dim, keepdim=True).div_(math.sqrt(g.size(dim))).clamp_min_(1e-8)
+
+
 def normalize(g: torch.Tensor, kind: str, transposed: bool = False) -> torch.Tensor:
     """The normalized direction of a 2-D tensor; `transposed` for weights stored [in, out] (embedding)."""
     if kind == "column" or kind == "row":
-        # "column": one scale per output unit; output units are rows of [out, in], columns if transposed
-        dim = 1 if (kind == "column") != transposed else 0
-        scale = g.square().mean(dim=dim, keepdim=True).sqrt_().clamp_min_(1e-8)
-        return g / scale
+        return g / rms_scale(g, unit_dim(kind, transposed))
     if kind == "sign":
         return torch.sign(g)
     if kind == "spectral":
@@ -94,10 +102,13 @@ class SCALE(torch.optim.Optimizer):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     direction = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
-                update = normalize(direction, group["normalization"], transposed)
                 if wd:
                     p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr)
+                kind = group["normalization"]
+                if kind in ("column", "row"):  # fused: the normalized direction is never materialized
+                    p.addcdiv_(direction, rms_scale(direction, unit_dim(kind, transposed)), value=-lr)
+                else:
+                    p.add_(normalize(direction, kind, transposed), alpha=-lr)
         return loss
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
