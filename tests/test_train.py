@@ -65,9 +65,11 @@ def test_metrics_keys(tmp_path):
     first = records[0]
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "perf/token_slots_per_s",
                 "perf/step_time_s", "perf/data_wait_frac", "perf/peak_memory_gb", "model/params",
-                "memory/paper_gb"):
+                "memory/paper_gb", "memory/optimizer_state_gb"):
         assert key in first, key
     assert first["step"] == 1 and first["model/params"] > 0
+    params = first["model/params"]
+    assert first["memory/optimizer_state_gb"] == pytest.approx(2 * params * 4 / 1e9, rel=0.01)  # AdamW, fp32
     assert records[-1]["eval/loss"] > 0 and records[-1]["eval/tokens"] > 3000
     tokens = [r["train/tokens"] for r in records]
     assert tokens == sorted(tokens) and tokens[0] > 0

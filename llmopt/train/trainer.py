@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llmopt.metrics.throughput import peak_memory_bytes
+from llmopt.optim.memory import state_bytes
 
 PRECISIONS = ("bf16_pure", "amp_bf16", "fp32")
 
@@ -206,8 +207,9 @@ class Trainer:
                     metrics["perf/mfu"] = slots_per_s * self.flops_per_token / (self.peak_flops * acc.num_processes)
                 if self.skipped_steps:
                     metrics["train/skipped_steps"] = self.skipped_steps
-                if first_record:
+                if first_record:  # constant facts, and the optimizer state once it exists
                     metrics.update(self.extra_metrics)
+                    metrics["memory/optimizer_state_gb"] = state_bytes(self.raw_optimizer) / 1e9
                     first_record = False
                 if self.diagnostics is not None:
                     self.diagnostics.observe_loss(metrics["train/loss"])
