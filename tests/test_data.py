@@ -350,6 +350,7 @@ def test_hub_source_builds_the_right_load_dataset_call(monkeypatch, sp):
 def test_offline_fails_fast_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # CI sets both
     start = time.monotonic()
     with pytest.raises(HubUnreachableError, match=r"(?s)needs the Hugging Face Hub.*data=c4_local.*type: local"):
         build_data(yaml_cfg("c4"), micro_batch_size=2)  # t5-base first (unless cached), else allenai/c4
@@ -369,6 +370,7 @@ def test_a_silent_hub_times_out_instead_of_hanging(monkeypatch):
     threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # CI sets both
     start = time.monotonic()
     with pytest.raises(HubUnreachableError, match="within 1 s"):
         build_data(yaml_cfg("c4") | {"tokenizer": str(SPM), "vocab_size": None, "hub_timeout_s": 1},
