@@ -73,12 +73,10 @@ class EMANesterov(OptimizerWrapper):
         loss = self.base.step(closure)
         delta = torch._foreach_sub(self.params, self.prev)
         if self.init == "first_update" and self.step_count == 0:
-            for m, d in zip(self.momentum, delta):
-                m.copy_(d)
+            torch._foreach_copy_(self.momentum, delta)
         else:
             torch._foreach_lerp_(self.momentum, delta, 1 - self.gamma)
-        for prev, p in zip(self.prev, self.params):
-            prev.copy_(p)
+        torch._foreach_copy_(self.prev, self.params)
         self.step_count += 1
         self._moved = False
         return loss

@@ -203,7 +203,7 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_building", False):
-            raise NotImplementedError("LowRankAdamW does not take new param groups; build a new optimizer "
+            raise RuntimeError("LowRankAdamW does not take new param groups; build a new optimizer "
                                       "with build_lowrank()")
         super().add_param_group(param_group)
 

@@ -185,7 +185,7 @@ def _resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
         return checkpointer.latest_valid()
     path = Path(resume)
     if not path.is_dir():
-        raise ValueError(f"checkpoint.resume={resume!r} is not a directory; give a step_XXXXXXXX directory, "
+        raise ValueError(f"checkpoint.resume={resume!r} is not a directory; give a step_<8 digits> directory, "
                          "auto or none")
     return path
 
