@@ -32,6 +32,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatterSciNotation  # noqa: E402
+
+
+def log_y(ax) -> None:
+    """Log y axis whose minor ticks are labelled too: curves spanning less than a decade keep readable values."""
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
 from matplotlib import cm  # noqa: E402
 
 QUANTITIES = ("update_rms", "weight_rms", "grad_rms", "w_over_g", "w_over_m", "dist_init", "dist_init_rel")
@@ -191,7 +198,7 @@ def _layer_figure(runs: list[Run], quantity: str, title: str, ylabel: str, kind:
             _no_data(ax, f"{run.label}\nno diag/*/{quantity}")
             continue
         _plot_layers(ax, series, len(run.blocks()), cmap)
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_title(run.label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
@@ -255,7 +262,7 @@ def plot_weight_grad_ratio(runs: list[Run], kind: str | None = None):
                 _no_data(ax, f"{run.label}\nno momentum" if quantity == "w_over_m" else f"{run.label}\nno data")
                 continue
             _plot_layers(ax, series, len(run.blocks()), cmap)
-            ax.set_yscale("log")
+            log_y(ax)
             ax.set_title(f"{run.label}: {ylabel}", fontsize=10)
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
@@ -318,7 +325,7 @@ def plot_distance(runs: list[Run]):
                                   (axes[2], "per layer, last record: ||w - w_0|| / ||w_0||", "relative distance")):
             ax.set_title(title, fontsize=10)
             ax.set_ylabel(ylabel)
-            ax.set_yscale("log")
+            log_y(ax)
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
         axes[0].set_xlabel("step")
@@ -346,7 +353,7 @@ def plot_token_grad_norms(runs: list[Run]):
         if not drawn:
             _no_data(ax, f"{run.label}\nno diag/head/token_grad_norm_*")
             continue
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_title(run.label, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("||grad of lm_head row||")
@@ -360,7 +367,7 @@ def plot_token_grad_norms(runs: list[Run]):
             ax.plot(xs, ys, lw=1.3, label=run.label)
             drawn = True
     if drawn:
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_title("max / median over token classes", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
@@ -396,7 +403,7 @@ def plot_eff_lr(runs: list[Run]):
             ax.plot(xs, med, style, color=color, lw=1.3, label=name if (n_blocks <= 8 or layer in SPECIAL) else None)
             if len(lo) == len(xs) == len(hi):
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_title(run.label, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("lr / (sqrt(v_hat) + eps)")
