@@ -16,6 +16,8 @@ rows clipped this step). State dtype = parameter dtype (the diagnostics are floa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups
@@ -32,31 +34,43 @@ class SGDLL(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             lr, tau, delta = group["lr"], group["tau"], group["delta"]
-            clip_rows = group["role"] == "output" and delta is not None
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                     state["rms_clipped"] = torch.zeros((), device=p.device)
                     state["rms_clip_count"] = torch.zeros((), device=p.device)
-                m = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
-                update = m
-                # clip factors in at least fp32 (bf16 norms are too coarse), fp64 stays fp64
-                stat_dtype = torch.promote_types(m.dtype, torch.float32)
-                if clip_rows:
-                    row_norm = m.norm(dim=1, keepdim=True, dtype=stat_dtype)
-                    factor = (delta / row_norm).clamp_(max=1.0)  # inf (zero rows) -> 1
-                    state["row_clip_fraction"] = (factor < 1).float().mean()
-                    update = m * factor.to(m.dtype)
-                if tau is not None:
-                    rms = update.to(stat_dtype).square().mean().sqrt()
-                    factor = (tau / (lr * rms)).clamp(max=1.0) if lr > 0 else torch.ones_like(rms)
-                    fired = (factor < 1).float()
-                    state["rms_clipped"] = fired
-                    state["rms_clip_count"] += fired
-                    update = update * factor.to(update.dtype)
-                p.add_(update, alpha=-lr)
+            momenta = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(momenta, [p.grad for p in params], 1 - group["momentum"])
+            # clip statistics in at least fp32 (bf16 norms are too coarse), fp64 stays fp64
+            stat_dtype = torch.promote_types(params[0].dtype, torch.float32)
+            updates = momenta
+            if group["role"] == "output" and delta is not None:
+                updates = [self._clip_rows(m, delta, self.state[p], stat_dtype) for m, p in zip(momenta, params)]
+            if tau is None:
+                torch._foreach_add_(params, updates, alpha=-lr)
+                continue
+            # every tensor's step RMS, lr * RMS(u), at once: one multi-tensor norm, then [tensors]-sized math
+            step_rms = torch._foreach_norm(updates, 2, dtype=stat_dtype)
+            torch._foreach_mul_(step_rms, [lr / math.sqrt(u.numel()) for u in updates])
+            step_rms = torch.stack(step_rms)
+            fired = step_rms > tau
+            factors = torch.where(fired, tau / step_rms, 1.0).to(params[0].dtype).unbind()
+            fired = fired.float().unbind()
+            torch._foreach_copy_([self.state[p]["rms_clipped"] for p in params], fired)
+            torch._foreach_add_([self.state[p]["rms_clip_count"] for p in params], fired)
+            for p, update, factor in zip(params, updates, factors):
+                p.addcmul_(update, factor, value=-lr)  # the clipped update is never materialized
         return loss
+
+    @staticmethod
+    def _clip_rows(m: torch.Tensor, delta: float, state: dict, stat_dtype) -> torch.Tensor:
+        """u_v = m_v * min(1, delta / ||m_v||) for every row (vocabulary token) v."""
+        row_norm = m.norm(dim=1, keepdim=True, dtype=stat_dtype)
+        factor = (delta / row_norm).clamp_(max=1.0)  # inf (zero rows) -> 1
+        state["row_clip_fraction"] = (factor < 1).float().mean()
+        return m * factor.to(m.dtype)
