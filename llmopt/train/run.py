@@ -50,13 +50,12 @@ def optimizer_kwargs(cfg: DictConfig) -> tuple[str, dict, dict | None]:
 
 def build_accelerator(precision: str, device: str):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType  # noqa: F401  (imported for the refusal check)
+    from accelerate.state import AcceleratorState
 
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    from accelerate.state import AcceleratorState
 
     mixed = "bf16" if precision == "amp_bf16" else "no"
     if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed:
