@@ -39,6 +39,17 @@ def log_y(ax) -> None:
     """Log y axis whose minor ticks are labelled too: curves spanning less than a decade keep readable values."""
     ax.set_yscale("log")
     ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+
+def log_panel(ax, title: str, ylabel: str | None = None, legend_cols: int = 1) -> None:
+    """The finish every per-step log panel shares: log y, title, step axis, grid, legend."""
+    log_y(ax)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=legend_cols)
 from matplotlib import cm  # noqa: E402
 
 QUANTITIES = ("update_rms", "weight_rms", "grad_rms", "w_over_g", "w_over_m", "dist_init", "dist_init_rel")
@@ -198,13 +209,7 @@ def _layer_figure(runs: list[Run], quantity: str, title: str, ylabel: str, kind:
             _no_data(ax, f"{run.label}\nno diag/*/{quantity}")
             continue
         _plot_layers(ax, series, len(run.blocks()), cmap)
-        log_y(ax)
-        ax.set_title(run.label, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3, which="both")
-        if k % ncols == 0:
-            ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7, ncol=2)
+        log_panel(ax, run.label, ylabel if k % ncols == 0 else None, legend_cols=2)
     for k in range(len(runs), axes.size):
         axes.flat[k].set_visible(False)
     if max_blocks > 8:
@@ -262,12 +267,7 @@ def plot_weight_grad_ratio(runs: list[Run], kind: str | None = None):
                 _no_data(ax, f"{run.label}\nno momentum" if quantity == "w_over_m" else f"{run.label}\nno data")
                 continue
             _plot_layers(ax, series, len(run.blocks()), cmap)
-            log_y(ax)
-            ax.set_title(f"{run.label}: {ylabel}", fontsize=10)
-            ax.set_xlabel("step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7, ncol=2)
+            log_panel(ax, f"{run.label}: {ylabel}", ylabel, legend_cols=2)
     for k in range(len(runs), nrun_rows * ncols):
         for j in range(rows):
             axes[(k // ncols) * rows + j][k % ncols].set_visible(False)
@@ -353,12 +353,7 @@ def plot_token_grad_norms(runs: list[Run]):
         if not drawn:
             _no_data(ax, f"{run.label}\nno diag/head/token_grad_norm_*")
             continue
-        log_y(ax)
-        ax.set_title(run.label, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("||grad of lm_head row||")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        log_panel(ax, run.label, "||grad of lm_head row||")
     ax = axes[len(runs) // ncols][len(runs) % ncols]
     drawn = False
     for run in runs:
@@ -367,11 +362,7 @@ def plot_token_grad_norms(runs: list[Run]):
             ax.plot(xs, ys, lw=1.3, label=run.label)
             drawn = True
     if drawn:
-        log_y(ax)
-        ax.set_title("max / median over token classes", fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        log_panel(ax, "max / median over token classes")
     else:
         _no_data(ax, "no max/median data")
     for k in range(n, axes.size):
@@ -403,12 +394,7 @@ def plot_eff_lr(runs: list[Run]):
             ax.plot(xs, med, style, color=color, lw=1.3, label=name if (n_blocks <= 8 or layer in SPECIAL) else None)
             if len(lo) == len(xs) == len(hi):
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
-        log_y(ax)
-        ax.set_title(run.label, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("lr / (sqrt(v_hat) + eps)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        log_panel(ax, run.label, "lr / (sqrt(v_hat) + eps)", legend_cols=2)
     for k in range(len(with_data), axes.size):
         axes.flat[k].set_visible(False)
     fig.suptitle("Adam effective learning rate per layer (median; band q10-q90)", fontsize=11)
