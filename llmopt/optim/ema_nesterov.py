@@ -71,11 +71,14 @@ class EMANesterov(OptimizerWrapper):
             raise RuntimeError("EMANesterov: call pre_forward() before the forward pass of every step "
                                "(the gradient must be taken at the lookahead point)")
         loss = self.base.step(closure)
-        delta = torch._foreach_sub(self.params, self.prev)
+        # d = x_{t+1} - x_t is formed in the prev buffer itself (as prev - p = -d): no parameter-sized temporary
+        torch._foreach_sub_(self.prev, self.params)
         if self.init == "first_update" and self.step_count == 0:
-            torch._foreach_copy_(self.momentum, delta)
+            torch._foreach_copy_(self.momentum, self.prev)
+            torch._foreach_neg_(self.momentum)
         else:
-            torch._foreach_lerp_(self.momentum, delta, 1 - self.gamma)
+            torch._foreach_mul_(self.momentum, self.gamma)
+            torch._foreach_add_(self.momentum, self.prev, alpha=-(1 - self.gamma))
         torch._foreach_copy_(self.prev, self.params)
         self.step_count += 1
         self._moved = False
