@@ -9,9 +9,14 @@ SCALE reads g and p and writes p (one pass per row: a row fits on chip): 3Nb, pl
 element for its momentum. SGD-LL needs two passes (the per-tensor RMS clip needs the whole tensor's
 norm before any element is written): read g, m, write m; read m, p, write p: 6Nb. EMA-Nesterov's own
 work: pre_forward reads p, m and writes p; after the base step it reads p, prev, m and writes m, prev:
-8Nb. Muon is bound by its matrix products, not memory: no floor is given.
+8Nb. Muon is bound by its matrix products, not memory: no floor is given. Two Muon cases: "muon" is
+MuonWithAdamW as trained (BatchedMuon: Newton-Schulz batched over same-shape matrices), "muon_torch_old"
+the same with torch.optim.Muon (the old path, `batched=False`); the "x torchMuon" column is their ratio.
 
-Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--out results.json]
+Without CUDA it times on the CPU (wall clock, no bandwidth or floors): a smoke test, e.g.
+  python scripts/bench_optim.py --flavor tiny --cases muon muon_torch_old --steps 3
+
+Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--cases ...] [--steps 15] [--out results.json]
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def copy_bandwidth(device, nbytes=2 << 30) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
-def time_steps(opt, params, steps=15, warmup=3) -> float:
+def time_steps(opt, params, steps=15, warmup=3, cuda=True) -> float:
     """Median seconds per optimizer step (pre_forward included for a lookahead wrapper)."""
     def one():
         if hasattr(opt, "pre_forward"):
@@ -55,9 +60,15 @@ def time_steps(opt, params, steps=15, warmup=3) -> float:
         opt.step()
     for _ in range(warmup):
         one()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(steps):
+        if not cuda:
+            t0 = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         one()
@@ -72,7 +83,8 @@ CASES = {
     "adamw_foreach": ("adamw", {"lr": 1e-3, "fused": False}, None),
     "scale": ("scale", {"lr": 1e-3}, None),
     "sgd_ll": ("sgd_ll", {"lr": 100.0}, None),
-    "muon": ("muon", {"lr": 0.02}, None),
+    "muon": ("muon", {"lr": 0.02}, None),                                     # BatchedMuon + AdamW
+    "muon_torch_old": ("muon", {"lr": 0.02, "batched": False}, None),        # torch.optim.Muon + AdamW
     "ema_nesterov(adamw_fused)": ("adamw", {"lr": 1e-3, "fused": True}, {"beta": 0.5, "gamma": 0.99}),
 }
 
@@ -92,13 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--flavor", default="1b")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per case (after 3 warm-up steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_optim needs a CUDA device", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        print("no CUDA device: timing on the CPU (wall clock; no bandwidth, no floors)", file=sys.stderr)
+    device = torch.device("cuda" if cuda else "cpu")
+    bandwidth = copy_bandwidth(device) if cuda else None
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -114,36 +127,43 @@ def main(argv=None) -> int:
             opt = build_optimizer(model, name, lookahead=lookahead, **hparams)
             params = list(model.parameters())
             t0 = time.perf_counter()
-            seconds = time_steps(opt, params)
+            seconds = time_steps(opt, params, steps=args.steps, cuda=cuda)
             n = sum(p.numel() for p in params)
             b = torch.tensor([], dtype=dtype).element_size()
             floor = floor_bytes(case, n, model.lm_head.weight.numel(), b)
             if case.startswith("ema_nesterov"):
                 floor = 8 * n * b  # the wrapper's own work, reported against its base below
             row = {"case": case, "dtype": dtype_name, "step_ms": seconds * 1e3, "state_gb": state_bytes(opt) / 1e9,
-                   "floor_ms": floor / bandwidth * 1e3 if floor else None, "wall_s": time.perf_counter() - t0}
+                   "floor_ms": floor / bandwidth * 1e3 if floor and bandwidth else None,
+                   "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
             del opt, model, params
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     by = {(r["case"], r["dtype"]): r for r in rows}
     for r in rows:
         base = by.get(("adamw_fused", r["dtype"]))
         r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base else None
+        old_muon = by.get(("muon_torch_old", r["dtype"]))
+        r["x_torch_muon"] = r["step_ms"] / old_muon["step_ms"] if old_muon and r["case"] == "muon" else None
         own = r["step_ms"]
         if r["case"].startswith("ema_nesterov") and base:
             own = r["step_ms"] - base["step_ms"]
             r["own_ms"] = own
         r["floor_fraction"] = r["floor_ms"] / own if r["floor_ms"] and own > 0 else None
-    meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "flavor": args.flavor,
-            "copy_bandwidth_tb_s": bandwidth / 1e12, "date": time.strftime("%Y-%m-%d")}
+    meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+            "flavor": args.flavor, "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None,
+            "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
-    print(f"{'case':28} {'dtype':5} {'step ms':>9} {'x fusedAdamW':>12} {'floor ms':>9} "
+    print(f"{'case':28} {'dtype':5} {'step ms':>9} {'x fusedAdamW':>12} {'x torchMuon':>11} {'floor ms':>9} "
           f"{'of floor':>8} {'state GB':>9}")
     for r in rows:
         fl = f"{r['floor_ms']:.2f}" if r["floor_ms"] else "-"
         frac = f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-"
-        print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {r['x_fused_adamw'] or 0:12.2f} {fl:>9} "
+        xf = f"{r['x_fused_adamw']:.2f}" if r["x_fused_adamw"] else "-"
+        xm = f"{r['x_torch_muon']:.2f}" if r["x_torch_muon"] else "-"
+        print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {xf:>12} {xm:>11} {fl:>9} "
               f"{frac:>8} {r['state_gb']:9.2f}")
     if args.out:
         with open(args.out, "w") as f:

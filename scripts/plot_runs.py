@@ -3,9 +3,9 @@
 
     python scripts/plot_runs.py RUN_DIR [RUN_DIR ...] --out DIR [--kind q] [--dpi 120]
 
-Each RUN_DIR holds `metrics.jsonl` (one JSON object per logged step: "step", "train/loss", "eval/loss",
-the diag/* keys of llmopt.metrics.diagnostics) and `config.yaml` (labels: optimizer.name, lookahead.name,
-model.flavor). Writes into DIR:
+Each RUN_DIR holds `metrics.jsonl` or `metrics.jsonl.gz` (one JSON object per logged step: "step",
+"train/loss", "eval/loss", the diag/* keys of llmopt.metrics.diagnostics) and `config.yaml` (labels:
+optimizer.name, lookahead.name, model.flavor). Writes into DIR:
 
   loss.png                training loss of every run on one plot (eval loss as markers)
   update_rms.png          per-layer update RMS over time, one panel per run
@@ -22,6 +22,7 @@ or one kind with --kind; embedding, lm_head and final norm are lines of their ow
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -102,10 +103,13 @@ def _read_yaml(path: Path) -> dict:
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     metrics = path / "metrics.jsonl"
+    if not metrics.is_file() and (path / "metrics.jsonl.gz").is_file():   # as archived runs keep it
+        metrics = path / "metrics.jsonl.gz"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: give run directories (holding metrics.jsonl)")
+    text = gzip.decompress(metrics.read_bytes()).decode() if metrics.suffix == ".gz" else metrics.read_text()
     records = []
-    for line in metrics.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line:
             try:

@@ -21,8 +21,11 @@ from llmopt.train.schedule import build_schedule
 from tests.conftest import micro_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# the paper tables: one subdirectory per table. Files directly in configs/experiment/ are other protocols, each
+# tested by its own file (mini_protocol: tests/test_mini_protocol.py)
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
-                     for p in (CONFIGS / "experiment").rglob("*.yaml"))
+                     for p in (CONFIGS / "experiment").rglob("*.yaml") if p.parent != CONFIGS / "experiment")
+TOP_LEVEL = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 # -- protocol.md, section 1: the GaLore protocol -----------------------------------------------------------
 GALORE_PROTOCOL = {"trainer.global_batch_size": 512, "trainer.precision": "bf16_pure", "trainer.grad_clip": 0.0,
@@ -172,6 +175,7 @@ def resolved(cfg, key: str):
 
 def test_every_experiment_has_an_expectation_and_every_expectation_a_file():
     assert len(EXPERIMENTS) == 71
+    assert TOP_LEVEL == ["mini_protocol"], "a new top-level experiment needs its own tests"
     assert set(EXPERIMENTS) == set(EXPECTED), (
         f"files without expectations: {sorted(set(EXPERIMENTS) - set(EXPECTED))}; "
         f"expectations without files: {sorted(set(EXPECTED) - set(EXPERIMENTS))}")

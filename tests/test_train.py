@@ -97,6 +97,41 @@ def test_accumulation_gives_the_same_update(tmp_path, micro, accumulation):
         torch.testing.assert_close(other[key], ref[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_activation_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypatch):
+    """trainer.activation_checkpointing=true runs every decoder layer again in the backward pass, and the
+    parameters after 2 AdamW steps are those of the run without it."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from llmopt.model import build_model, llama_config
+
+    # count the MLPs inside the layers (the layers' own forward is what transformers wraps to checkpoint)
+    calls = {"n": 0}
+    original = modeling_llama.LlamaMLP.forward
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting)
+    base = [*C4_SMALL, "trainer.steps=2", "schedule=constant", "optimizer=adamw", "optimizer.lr=1e-2",
+            "trainer.eval_every=1000", "checkpoint.export_hf=true"]
+    layer_calls, params = {}, {}
+    for flag in ("false", "true"):
+        calls["n"] = 0
+        run_in_process(tmp_path, [*base, f"trainer.activation_checkpointing={flag}"], name=flag)
+        layer_calls[flag] = calls["n"]
+        params[flag] = LlamaForCausalLM.from_pretrained(tmp_path / flag / "hf_model").state_dict()
+    # training: 2 steps x 2 micro-batches x every layer, run twice with checkpointing (eval is the same in both)
+    n_layers = llama_config("micro", vocab_size=32000).num_hidden_layers
+    assert layer_calls["true"] - layer_calls["false"] == 2 * 2 * n_layers
+    for key in params["false"]:
+        torch.testing.assert_close(params["true"][key], params["false"][key], rtol=1e-6, atol=1e-7, msg=key)
+    initial = build_model(llama_config("micro", vocab_size=32000), seed=0, device="cpu", dtype=torch.float32)
+    assert not torch.equal(initial.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                           params["true"]["model.layers.0.mlp.up_proj.weight"])  # the runs did train
+
+
 def test_eval_losses_against_a_hand_computation(tmp_path):
     """token-weighted: sum of token losses / tokens; paper-compatible: sum of batch means / (batches + 1)."""
     from llmopt.train.run import run  # noqa: F401  (same code path as the trainer)

@@ -9,6 +9,7 @@ The contract with the trainer:
     data.pad_id, data.eos_id
     data.train                infinite iterator of this rank's batches; state_dict() / load_state_dict(sd)
     data.eval_batches(bs)     fresh iterator over this rank's share of the fixed validation set
+    data.extra_eval_names     names of the extra held-out sets (data.extra_eval); data.eval_batches(bs, name)
     data.check_vocab(n)       ValueError if ids could reach past a model vocabulary of n
     data.entropy_per_token    optimal loss per predicted token (nats) when the corpus is synthetic, else None
     data.close()              stop background workers (also done at exit)

@@ -18,7 +18,7 @@ class Data:
     """Tokenizer, this rank's training stream and the fixed validation set of one data config."""
 
     def __init__(self, cfg: DataConfig, tok: LoadedTokenizer, train_source: Source, eval_source: Source, *,
-                 micro_batch_size: int, rank: int, world_size: int):
+                 micro_batch_size: int, rank: int, world_size: int, extra_eval_sources: dict | None = None):
         self.config = cfg
         self.tokenizer = tok.tokenizer
         self.tokenizer_description = tok.description
@@ -27,8 +27,10 @@ class Data:
         self.rank, self.world_size = rank, world_size
         self._settings = StreamSettings(tok.encoder, cfg.num_workers, cfg.prefetch, cfg.chunk_docs,
                                         cfg.on_bad_record)
-        self._eval_source = eval_source
-        self._eval_set: EvalSet | None = None
+        # the validation set (name None) and the extra held-out sets, tokenized on first use
+        self._eval_sources: dict[str | None, Source] = {None: eval_source, **(extra_eval_sources or {})}
+        self._eval_sets: dict[str | None, EvalSet] = {}
+        self.extra_eval_names: list[str] = list(extra_eval_sources or {})
         fingerprint = {"mode": cfg.mode, "seq_len": cfg.seq_len, "tokenizer": tok.ident,
                        "vocab_size": tok.vocab_size, "source": train_source.fingerprint,
                        "shuffle": [train_source.shuffle_buffer, train_source.shuffle_seed]}
@@ -45,17 +47,25 @@ class Data:
 
     @property
     def eval_set(self) -> EvalSet:
-        """The validation set, built (tokenized) on first use and kept in memory (int32: 40 MB per 10M tokens)."""
-        if self._eval_set is None:
-            cfg = self.config
-            self._eval_set = build_eval_set(self._eval_source, self._settings, mode=cfg.mode, seq_len=cfg.seq_len,
-                                            pad_id=self.pad_id, eval_tokens=cfg.eval_tokens)
-        return self._eval_set
+        """The validation set (data.eval)."""
+        return self.held_out_set(None)
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """A fresh iterator over this rank's share of the validation set (every rank gets the same number of
-        batches; the union over ranks is the 1-process set)."""
-        return self.eval_set.batches(batch_size, self.rank, self.world_size)
+    def held_out_set(self, name: str | None) -> EvalSet:
+        """The validation set (None) or the extra held-out set `name`, built (tokenized) on first use and kept
+        in memory (int32: 40 MB per 10M tokens)."""
+        if name not in self._eval_sources:
+            raise KeyError(f"no held-out set {name!r}; data.extra_eval names {self.extra_eval_names}")
+        if name not in self._eval_sets:
+            cfg = self.config
+            self._eval_sets[name] = build_eval_set(self._eval_sources[name], self._settings, mode=cfg.mode,
+                                                   seq_len=cfg.seq_len, pad_id=self.pad_id,
+                                                   eval_tokens=cfg.eval_tokens)
+        return self._eval_sets[name]
+
+    def eval_batches(self, batch_size: int, name: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """A fresh iterator over this rank's share of the validation set (or of extra held-out set `name`);
+        every rank gets the same number of batches, and the union over ranks is the 1-process set."""
+        return self.held_out_set(name).batches(batch_size, self.rank, self.world_size)
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Refuse a model whose embedding has fewer rows than the ids the pipeline emits."""
@@ -90,5 +100,6 @@ def build_data(data_cfg: Mapping, *, micro_batch_size: int, rank: int = 0, world
     eval_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else 0
     train_source = build_source(cfg, "train", train_seed)
     eval_source = build_source(cfg, "eval", eval_seed)
+    extra = {name: build_source(cfg, f"extra_eval.{name}", eval_seed, src) for name, src in cfg.extra_eval.items()}
     return Data(cfg, tok, train_source, eval_source, micro_batch_size=micro_batch_size, rank=rank,
-                world_size=world_size)
+                world_size=world_size, extra_eval_sources=extra)

@@ -9,6 +9,8 @@ Keys (top level):
   vocab_size      null = len(tokenizer); a smaller value cuts off added special tokens the text never needs
                   (t5-base's 100 <extra_id_*> sentinels: 32100 -> 32000, the papers' model vocabulary)
   train, eval     sources (below); eval is read whole-stream, never split across ranks
+  extra_eval      more held-out sets, {name: source}, evaluated with eval and logged as eval/<name>/...
+                  (each cut to eval_tokens like eval); default none
   eval_tokens     the validation set: the first sequences of the eval stream holding at least this many
                   non-pad tokens (10M in the protocol); null = the whole eval source
   shuffle_seed    seed of the sources' shuffle; null = the run seed for train and 0 for eval
@@ -23,13 +25,16 @@ A source is a mapping with `type`:
   hub        path, name, split, text_field, shuffle_buffer     -> datasets.load_dataset(path, name, split=split,
                                                                   streaming=True)
   local      files (paths or globs), format (auto|json|text|parquet), text_field, text_unit
-             (line|paragraph|file, for plain text), shuffle_buffer
+             (line|paragraph|file, for plain text), shuffle_buffer. A files entry may also be a mapping
+             {path, start, stop}: only documents start..stop-1 of each matching file (0-based, stop null =
+             to the end), e.g. to hold out the first articles of a shard for evaluation and train on the rest
   synthetic  split, num_docs, shuffle_buffer
 `shuffle_buffer` 0 keeps the stream's order; > 0 is datasets' `shuffle(seed, buffer_size)`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +49,9 @@ _SOURCE_KEYS = {
     "local": {"type", "files", "format", "text_field", "text_unit", "shuffle_buffer"},
     "synthetic": {"type", "split", "num_docs", "shuffle_buffer"},
 }
-_TOP_KEYS = {"name", "mode", "seq_len", "tokenizer", "vocab_size", "train", "eval", "eval_tokens", "shuffle_seed",
-             "num_workers", "on_bad_record", "data_dir", "synthetic", "chunk_docs", "prefetch", "hub_timeout_s"}
+_TOP_KEYS = {"name", "mode", "seq_len", "tokenizer", "vocab_size", "train", "eval", "extra_eval", "eval_tokens",
+             "shuffle_seed", "num_workers", "on_bad_record", "data_dir", "synthetic", "chunk_docs", "prefetch",
+             "hub_timeout_s"}
 _REQUIRED = ("mode", "seq_len", "tokenizer", "train", "eval")
 DATA_DIR_HINT = "data.data_dir (or the LLMOPT_DATA_DIR environment variable the local configs read)"
 
@@ -59,12 +65,25 @@ def project_root() -> Path:
 
 
 @dataclass(frozen=True)
+class FileSpec:
+    """A local source's files entry: a path or glob, and the documents [start, stop) kept of each match."""
+    path: str
+    start: int = 0
+    stop: int | None = None
+
+    def describe(self) -> str:
+        if self.start == 0 and self.stop is None:
+            return self.path
+        return f"{self.path}[{self.start}:{'' if self.stop is None else self.stop}]"
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     type: str
     path: str | None = None          # hub
     name: str | None = None          # hub config name ("en")
     split: str = "train"             # hub, synthetic
-    files: tuple[str, ...] = ()      # local
+    files: tuple[FileSpec, ...] = ()  # local
     format: str = "auto"             # local
     text_field: str = "text"         # hub, local json/parquet
     text_unit: str = "paragraph"     # local plain text
@@ -79,6 +98,7 @@ class DataConfig:
     tokenizer: str
     train: SourceConfig
     eval: SourceConfig
+    extra_eval: dict[str, SourceConfig] = field(default_factory=dict)
     name: str = "data"
     vocab_size: int | None = None
     eval_tokens: int | None = None
@@ -112,6 +132,10 @@ def _check_keys(where: str, cfg: dict, allowed: set[str]) -> None:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
 
 
+# metric names of an eval set, which an extra set's name must not shadow (eval/loss vs eval/<name>/loss)
+_EVAL_METRICS = ("loss", "ppl", "tokens", "paper_loss", "paper_ppl")
+
+
 def _int(where: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{where} must be an integer >= {minimum}, got {value!r}")
@@ -125,13 +149,16 @@ def _source(where: str, raw) -> SourceConfig:
     if kind not in _SOURCE_KEYS:
         raise ValueError(f"data.{where}.type must be one of {sorted(_SOURCE_KEYS)}, got {kind!r}")
     _check_keys(f"data.{where} (type {kind})", raw, _SOURCE_KEYS[kind])
-    src = SourceConfig(**{k: tuple(v) if k == "files" else v for k, v in raw.items()})
+    if kind == "local":
+        files = raw.get("files")
+        if isinstance(files, str) or not isinstance(files, list) or not files:
+            raise ValueError(f"data.{where}.files must be a non-empty list of paths or globs, got {files!r}")
+        raw = {**raw, "files": tuple(_file_spec(f"data.{where}.files[{i}]", f) for i, f in enumerate(files))}
+    src = SourceConfig(**raw)
     _int(f"data.{where}.shuffle_buffer", src.shuffle_buffer, 0)
     if kind == "hub" and not src.path:
         raise ValueError(f"data.{where}.path must name a Hub dataset, e.g. allenai/c4")
     if kind == "local":
-        if isinstance(raw.get("files"), str) or not src.files:
-            raise ValueError(f"data.{where}.files must be a non-empty list of paths or globs, got {raw.get('files')!r}")
         if src.format not in FORMATS:
             raise ValueError(f"data.{where}.format must be one of {FORMATS}, got {src.format!r}")
         if src.text_unit not in TEXT_UNITS:
@@ -139,6 +166,33 @@ def _source(where: str, raw) -> SourceConfig:
     if kind == "synthetic":
         _int(f"data.{where}.num_docs", src.num_docs, 1)
     return src
+
+
+def _file_spec(where: str, raw) -> FileSpec:
+    if isinstance(raw, str) and raw:
+        return FileSpec(raw)
+    if not isinstance(raw, dict) or not isinstance(raw.get("path"), str) or not raw["path"]:
+        raise ValueError(f"{where} must be a path (or glob), or a mapping {{path, start, stop}}, got {raw!r}")
+    _check_keys(where, raw, {"path", "start", "stop"})
+    start = raw.get("start") if raw.get("start") is not None else 0
+    spec = FileSpec(raw["path"], _int(f"{where}.start", start, 0),
+                    None if raw.get("stop") is None else _int(f"{where}.stop", raw["stop"], 1))
+    if spec.stop is not None and spec.stop <= spec.start:
+        raise ValueError(f"{where}: stop ({spec.stop}) must be greater than start ({spec.start}); the range "
+                         f"[start, stop) of documents kept would be empty")
+    return spec
+
+
+def _extra_eval(raw) -> dict[str, SourceConfig]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"data.extra_eval must be a mapping {{name: source}}, got {raw!r}")
+    for name in raw:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in _EVAL_METRICS:
+            raise ValueError(f"data.extra_eval: {name!r} cannot name an eval set (its metrics are logged as "
+                             f"eval/<name>/loss); use lower-case letters, digits and _, not one of {_EVAL_METRICS}")
+    return {name: _source(f"extra_eval.{name}", src) for name, src in raw.items()}
 
 
 def parse_config(data_cfg: Mapping) -> DataConfig:
@@ -157,9 +211,10 @@ def parse_config(data_cfg: Mapping) -> DataConfig:
                          f"target token per sequence), got {raw['seq_len']!r}")
     if raw.get("on_bad_record", "fail") not in BAD_RECORD_POLICIES:
         raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, got {raw['on_bad_record']!r}")
-    kwargs = {k: v for k, v in raw.items() if v is not None and k not in ("train", "eval", "data_dir")}
+    kwargs = {k: v for k, v in raw.items() if v is not None and k not in ("train", "eval", "extra_eval", "data_dir")}
     kwargs["train"] = _source("train", raw["train"])
     kwargs["eval"] = _source("eval", raw["eval"])
+    kwargs["extra_eval"] = _extra_eval(raw.get("extra_eval"))
     if raw.get("data_dir") is not None:
         data_dir = Path(str(raw["data_dir"])).expanduser()
         kwargs["data_dir"] = data_dir if data_dir.is_absolute() else project_root() / data_dir

@@ -27,7 +27,7 @@ import datasets
 from datasets import Features, IterableDataset, Value, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from llmopt.data.config import DATA_DIR_HINT, DataConfig, SourceConfig
+from llmopt.data.config import DATA_DIR_HINT, DataConfig, FileSpec, SourceConfig
 from llmopt.data.synthetic import SyntheticCorpus, SyntheticSpec
 
 _COMPRESSIONS = (".gz", ".xz", ".zst", ".zstd", ".bz2")
@@ -82,10 +82,12 @@ def file_format(path: str, fmt: str) -> str:
     return fmt
 
 
-def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[str]:
-    """The files of a local source, globs expanded, checked to exist and be non-empty."""
-    files: list[str] = []
-    for pattern in src.files:
+def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[tuple[str, int, int | None]]:
+    """The files of a local source, globs expanded, checked to exist and be non-empty, each with the range
+    [start, stop) of its documents that the source keeps."""
+    files: list[tuple[str, int, int | None]] = []
+    for spec in src.files:
+        pattern = spec.path
         path = cfg.resolve(pattern)
         if glob.has_magic(str(path)):
             matches = sorted(glob.glob(str(path)))
@@ -102,7 +104,7 @@ def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[str]:
             if os.path.getsize(match) == 0:
                 raise ValueError(f"data.{role}.files: {match} is empty (0 bytes); remove it from the list")
             file_format(match, src.format)  # fails early on an unknown extension
-        files.extend(matches)
+        files.extend((match, spec.start, spec.stop) for match in matches)
     return files
 
 
@@ -190,10 +192,13 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def read_local_files(files: list[str], fmt: str, text_field: str, text_unit: str) -> Iterator[dict]:
-    """Records of local files, in order (the generator behind a local source; one datasets shard per file)."""
-    for path in files:
+def read_local_files(files: list[str], fmt: str, text_field: str, text_unit: str,
+                     doc_ranges: list[tuple[int, int | None]] | None = None) -> Iterator[dict]:
+    """Records of local files, in order (the generator behind a local source; one datasets shard per file).
+    doc_ranges[i] = (start, stop) keeps only documents start..stop-1 of files[i] (stop None: to the end)."""
+    for i, path in enumerate(files):
         kind = file_format(path, fmt)
+        start, stop = doc_ranges[i] if doc_ranges is not None else (0, None)
         count = 0
         try:
             with contextlib.ExitStack() as stack:
@@ -205,12 +210,18 @@ def read_local_files(files: list[str], fmt: str, text_field: str, text_unit: str
                                else _text_records(f, path, text_unit))
                 for text, error in records:
                     count += 1
-                    yield {"text": text, "error": error}
+                    if count > start:
+                        yield {"text": text, "error": error}
+                    if count == stop:
+                        break
         except _read_errors() as exc:
             raise ValueError(f"{path}: cannot be read to the end ({type(exc).__name__}: {exc}); the file is "
                              f"truncated, or its compression does not match its name") from exc
         if count == 0:
             raise ValueError(f"{path} holds no documents; remove it from the source's files")
+        if count <= start:
+            raise ValueError(f"{path} holds {count} documents, so start={start} keeps none of them; lower the "
+                             f"files entry's start")
 
 
 def _synthetic_records(blocks: list[int], corpus: SyntheticCorpus, split: str, num_docs: int) -> Iterator[dict]:
@@ -258,9 +269,10 @@ class Source:
                     yield text, None
 
 
-def build_source(cfg: DataConfig, role: str, shuffle_seed: int) -> Source:
-    """The Source of data.<role> ("train" or "eval"); Hub sources are probed first (fail fast offline)."""
-    src: SourceConfig = getattr(cfg, role)
+def build_source(cfg: DataConfig, role: str, shuffle_seed: int, src: SourceConfig | None = None) -> Source:
+    """The Source of data.<role> ("train", "eval", or "extra_eval.<name>" with its `src`); Hub sources are
+    probed first (fail fast offline)."""
+    src = src if src is not None else getattr(cfg, role)
     datasets.disable_progress_bars()
     if src.type == "hub":
         what = f"data.{role} (Hub dataset {src.path}, config {src.name}, split {src.split})"
@@ -275,12 +287,17 @@ def build_source(cfg: DataConfig, role: str, shuffle_seed: int) -> Source:
         return Source(what, ds, src.text_field, src.shuffle_buffer, shuffle_seed, fingerprint)
     if src.type == "local":
         files = resolve_files(cfg, src, role)
+        paths, ranges = [f[0] for f in files], [f[1:] for f in files]
         ds = IterableDataset.from_generator(
             read_local_files, features=_RECORD_FEATURES,
-            gen_kwargs={"files": files, "fmt": src.format, "text_field": src.text_field, "text_unit": src.text_unit})
-        fingerprint = {"type": "local", "files": [Path(f).name for f in files], "text_field": src.text_field,
+            gen_kwargs={"files": paths, "fmt": src.format, "text_field": src.text_field, "text_unit": src.text_unit,
+                        "doc_ranges": ranges})
+        fingerprint = {"type": "local", "files": [Path(p).name for p in paths], "text_field": src.text_field,
                        "text_unit": src.text_unit}
-        return Source(f"data.{role} (local files {files})", ds, "text", src.shuffle_buffer, shuffle_seed,
+        if any(r != (0, None) for r in ranges):  # only when used: earlier checkpoints still resume
+            fingerprint["doc_ranges"] = [list(r) for r in ranges]
+        described = [FileSpec(*f).describe() for f in files]
+        return Source(f"data.{role} (local files {described})", ds, "text", src.shuffle_buffer, shuffle_seed,
                       fingerprint)
     spec = SyntheticSpec.from_mapping(cfg.synthetic)
     corpus = SyntheticCorpus(spec)

@@ -31,7 +31,7 @@ log = logging.getLogger("llmopt")
 # SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
-TRAINER_ONLY_KEYS = ("compile", "device")
+TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -86,7 +86,29 @@ def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision
             "lighter optimizer, or more devices.")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+class ModelCache:
+    """Built, compiled and prepared models kept across the runs of one process (a sweep, the mini-protocol),
+    so that compilation is paid once per model kind: a reused model gets its initial weights back, copied
+    into the same parameter tensors (the compiled graph stays valid)."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, key: tuple, build):
+        """(model, loss_model) for `key`, from `build()` the first time and with the initial weights after."""
+        if key not in self._entries:
+            model, loss_model = build()
+            initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self._entries[key] = (model, loss_model, initial)
+            return model, loss_model
+        model, loss_model, initial = self._entries[key]
+        model.load_state_dict(initial)
+        model.zero_grad(set_to_none=True)
+        return model, loss_model
+
+
+def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dict:
+    """Train one run in `run_dir`; `models` (optional) reuses compiled models across runs of one process."""
     from accelerate.utils import DistributedType
 
     from llmopt.data import build_data
@@ -111,14 +133,32 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     # -- build --------------------------------------------------------------------------------------
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
-    model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
+    checkpoint_activations = bool(cfg.trainer.get("activation_checkpointing", False))
+
+    def build():
+        model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
+        if checkpoint_activations:
+            # recompute each decoder layer's activations in the backward pass: memory for time (large
+            # flavors on one GPU); non-reentrant, which torch.compile and no_sync accumulation support
+            if hasattr(model, "activation_checkpointing_enable"):   # the name since transformers 5.x
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss_model = CausalLMLoss(model)
+        if cfg.trainer.compile:
+            loss_model = torch.compile(loss_model)
+        return model, accelerator.prepare_model(loss_model)
+
+    if models is None:
+        model, loss_model = build()
+    else:
+        key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
+               tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, str(accelerator.device),
+               accelerator.num_processes)
+        model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,
                                          **OmegaConf.to_container(cfg.schedule, resolve=True))
-    loss_model = CausalLMLoss(model)
-    if cfg.trainer.compile:
-        loss_model = torch.compile(loss_model)
-    loss_model = accelerator.prepare_model(loss_model)
     prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
     if accelerator.is_main_process:
@@ -257,6 +297,8 @@ def format_summary(summary: dict) -> str:
         rows += [("eval loss (token-weighted)", f"{summary['eval/loss']:.4f}  ppl {summary['eval/ppl']:.2f}"),
                  ("eval loss (paper-compatible)",
                   f"{summary['eval/paper_loss']:.4f}  ppl {summary['eval/paper_ppl']:.2f}")]
+    rows += [(f"eval loss, {key.split('/')[1]} set", f"{value:.4f}  ppl {summary[key[:-4] + 'ppl']:.2f}")
+             for key, value in summary.items() if key.count("/") == 2 and key.endswith("/loss")]
     rows.append(("optimizer state (measured)", f"{summary.get('optimizer_state_bytes', 0) / 1e6:.2f} MB"))
     if summary.get("memory/paper_gb") is not None:
         rows.append(("weights+state (paper accounting)", f"{summary['memory/paper_gb']:.2f} GB"))

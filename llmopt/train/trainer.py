@@ -155,16 +155,25 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Every held-out set: the validation set as eval/..., each of data.extra_eval as eval/<name>/..."""
+        self.model.eval()
+        metrics = self._evaluate_set(None, "eval/")
+        for name in self.data.extra_eval_names:
+            metrics.update(self._evaluate_set(name, f"eval/{name}/"))
+        self.model.train()
+        return metrics
+
+    def _evaluate_set(self, name: str | None, prefix: str) -> dict:
         """Token-weighted loss (exact) and the reference code's paper-compatible loss.
 
         Paper-compatible: each rank divides the sum of its per-batch mean losses by (batches + 1), the
         reference's off-by-one batch counter; the ranks' figures are then averaged.
         """
-        self.model.eval()
         acc = self.accelerator
         sums = torch.zeros(3, device=acc.device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
         batches = 0
-        for batch in self.data.eval_batches(self.config.eval_batch_size or self.config.micro_batch_size):
+        batch_size = self.config.eval_batch_size or self.config.micro_batch_size
+        for batch in self.data.eval_batches(batch_size, name):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.autocast():
                 loss_sum, count = self.model(batch["input_ids"], batch["labels"])
@@ -175,9 +184,8 @@ class Trainer:
         totals = acc.reduce(torch.stack([sums[0], sums[1], paper_rank]), reduction="sum").tolist()
         loss = totals[0] / max(totals[1], 1.0)
         paper_loss = totals[2] / acc.num_processes
-        self.model.train()
-        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": int(totals[1]),
-                "eval/paper_loss": paper_loss, "eval/paper_ppl": math.exp(min(paper_loss, 50.0))}
+        return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0)), f"{prefix}tokens": int(totals[1]),
+                f"{prefix}paper_loss": paper_loss, f"{prefix}paper_ppl": math.exp(min(paper_loss, 50.0))}
 
     # -- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:
