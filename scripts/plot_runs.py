@@ -185,6 +185,12 @@ def _grid(n: int, width: float = 5.0, height: float = 3.6, rows_per_run: int = 1
     return fig, axes, ncols
 
 
+def _hide_unused(axes, used: int) -> None:
+    """A grid has room for a multiple of its columns; the panels after the first `used` stay blank."""
+    for k in range(used, axes.size):
+        axes.flat[k].set_visible(False)
+
+
 def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
     ax.set_xticks([])
@@ -214,8 +220,7 @@ def _layer_figure(runs: list[Run], quantity: str, title: str, ylabel: str, kind:
             continue
         _plot_layers(ax, series, len(run.blocks()), cmap)
         log_panel(ax, run.label, ylabel if k % ncols == 0 else None, legend_cols=2)
-    for k in range(len(runs), axes.size):
-        axes.flat[k].set_visible(False)
+    _hide_unused(axes, len(runs))
     if max_blocks > 8:
         sm = cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, max_blocks - 1))
         fig.colorbar(sm, ax=axes.ravel().tolist(), label="block index", shrink=0.8)
@@ -369,8 +374,7 @@ def plot_token_grad_norms(runs: list[Run]):
         log_panel(ax, "max / median over token classes")
     else:
         _no_data(ax, "no max/median data")
-    for k in range(n, axes.size):
-        axes.flat[k].set_visible(False)
+    _hide_unused(axes, n)
     fig.suptitle("per-token-class gradient norms of the output layer (Type II irregularity)", fontsize=11)
     return fig
 
@@ -399,8 +403,7 @@ def plot_eff_lr(runs: list[Run]):
             if len(lo) == len(xs) == len(hi):
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
         log_panel(ax, run.label, "lr / (sqrt(v_hat) + eps)", legend_cols=2)
-    for k in range(len(with_data), axes.size):
-        axes.flat[k].set_visible(False)
+    _hide_unused(axes, len(with_data))
     fig.suptitle("Adam effective learning rate per layer (median; band q10-q90)", fontsize=11)
     return fig
 
