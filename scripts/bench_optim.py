@@ -4,6 +4,9 @@ For each optimizer: median step time (CUDA events), state bytes, the ratio to to
 measured in the same run, and the fraction of the HBM floor: the bytes the step must move divided by
 the device-to-device copy bandwidth measured in this run.
 
+SCALE, SGD-LL and EMA-Nesterov run their Triton kernels (llmopt/optim/kernels.py) on CUDA; the
+"_eager" cases are the same optimizers with fused=False, measured in the same run.
+
 Floors (b = bytes per element, N = elements): fused AdamW reads p, g, m, v and writes p, m, v: 7Nb.
 SCALE reads g and p and writes p (one pass per row: a row fits on chip): 3Nb, plus 2b per lm_head
 element for its momentum. SGD-LL needs two passes (the per-tensor RMS clip needs the whole tensor's
@@ -17,6 +20,7 @@ Without CUDA it times on the CPU (wall clock, no bandwidth or floors): a smoke t
   python scripts/bench_optim.py --flavor tiny --cases muon muon_torch_old --steps 3
 
 Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--cases ...] [--steps 15] [--out results.json]
+       [--profile]
 """
 
 from __future__ import annotations
@@ -86,17 +90,34 @@ CASES = {
     "muon": ("muon", {"lr": 0.02}, None),                                     # BatchedMuon + AdamW
     "muon_torch_old": ("muon", {"lr": 0.02, "batched": False}, None),        # torch.optim.Muon + AdamW
     "ema_nesterov(adamw_fused)": ("adamw", {"lr": 1e-3, "fused": True}, {"beta": 0.5, "gamma": 0.99}),
+    # the eager code paths of the Triton-fused optimizers (fused=False), for the before/after in one run
+    "scale_eager": ("scale", {"lr": 1e-3, "fused": False}, None),
+    "sgd_ll_eager": ("sgd_ll", {"lr": 100.0, "fused": False}, None),
+    "ema_nesterov_eager(adamw_fused)": ("adamw", {"lr": 1e-3, "fused": True},
+                                        {"beta": 0.5, "gamma": 0.99, "fused": False}),
 }
 
 
 def floor_bytes(case: str, n: int, n_head: int, b: int) -> float | None:
     if case.startswith("adamw"):
         return 7 * n * b
-    if case == "scale":
+    if case.startswith("scale"):
         return 3 * n * b + 2 * n_head * b
-    if case == "sgd_ll":
+    if case.startswith("sgd_ll"):
         return 6 * n * b
     return None
+
+
+def print_profile(case: str, dtype_name: str, opt) -> None:
+    """Where the step's time goes: the kernels of 3 steps by device time, and the host's view."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        time_steps(opt, None, steps=3, warmup=0, cuda=torch.cuda.is_available())
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"--- profile: {case} {dtype_name} (3 steps)")
+    print(prof.key_averages().table(sort_by=sort, row_limit=10, max_name_column_width=60))
 
 
 def main(argv=None) -> int:
@@ -106,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", type=int, default=15, help="timed steps per case (after 3 warm-up steps)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print each case's kernels by device time")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -128,6 +150,8 @@ def main(argv=None) -> int:
             params = list(model.parameters())
             t0 = time.perf_counter()
             seconds = time_steps(opt, params, steps=args.steps, cuda=cuda)
+            if args.profile:
+                print_profile(case, dtype_name, opt)
             n = sum(p.numel() for p in params)
             b = torch.tensor([], dtype=dtype).element_size()
             floor = floor_bytes(case, n, model.lm_head.weight.numel(), b)

@@ -6,8 +6,14 @@ host time spent waiting for data, all read from the run's metrics.jsonl (first l
 holds compilation, excluded). In the same process, the baseline: a loop like the papers' reference
 code (transformers LlamaForCausalLM, eager, pure bf16, torch AdamW, random tokens), timed the same way.
 
+A case is flavor:optimizer:precision, optionally followed by flags (CASE_FLAGS: packed, ckpt = activation
+checkpointing, eager = no compile, eval10m = time the evaluation of 10M held-out tokens), mb=N (the
+micro-batch) and Hydra overrides (group.key=value, e.g. optimizer.lr=1e-4). A run that fails (e.g. refused
+by the trainer's memory check) is recorded with its error and the seconds it took to fail.
+
 Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--out F]
-DIR holds c4/*.jsonl.gz and tokenizers/llmopt-en-32k.model (../shared/data has them).
+DIR holds c4/*.jsonl.gz, enwiki/*.jsonl.xz (for eval10m) and tokenizers/llmopt-en-32k.model
+(../shared/data has them).
 """
 
 from __future__ import annotations
@@ -29,22 +35,47 @@ DEFAULT_CASES = ["60m:adamw:bf16_pure", "60m:scale:bf16_pure", "60m:adamw:amp_bf
                  "1b:scale:bf16_pure"]
 
 
+CASE_FLAGS = {  # optional words after flavor:optimizer:precision, each a set of overrides
+    "packed": ["data.mode=packed"],
+    "ckpt": ["trainer.activation_checkpointing=true"],
+    "eager": ["trainer.compile=false"],
+    # the evaluation pass on 10M held-out tokens (two Wikipedia shards, packed), run twice; the second is timed
+    "eval10m": ["data.mode=packed", "data.eval.files=[enwiki/enwiki-01.jsonl.xz,enwiki/enwiki-02.jsonl.xz]",
+                "data.eval_tokens=10000000", "trainer.eval_batch_size=256"],
+}
+
+
+def case_overrides(case: str, data_dir: str, steps: int, compile_model: bool) -> list[str]:
+    """The Hydra overrides of a case "flavor:optimizer:precision[:flag ...][:mb=N][:group.key=value ...]"."""
+    flavor, optimizer, precision, *flags = case.split(":")
+    micro = MICRO[flavor]
+    extra = []
+    for flag in flags:
+        if flag.startswith("mb="):
+            micro = int(flag[3:])
+        elif flag in CASE_FLAGS:
+            extra += CASE_FLAGS[flag]
+        elif "=" in flag and "." in flag.split("=")[0]:  # a Hydra override, e.g. optimizer.lr=1e-4
+            extra.append(flag)
+        else:
+            raise ValueError(f"unknown case flag {flag!r} in {case!r}; flags: {sorted(CASE_FLAGS)}, mb=N or "
+                             "a Hydra override group.key=value")
+    eval_every = steps // 2 if "eval10m" in flags else 10 * steps
+    return [f"model={flavor}", f"optimizer={optimizer}", "data=c4_local", f"data.data_dir={data_dir}",
+            "data.num_workers=2", "data.eval_tokens=150000", f"trainer.precision={precision}",
+            f"trainer.compile={str(compile_model).lower()}", f"trainer.micro_batch_size={micro}",
+            f"trainer.global_batch_size={2 * micro}", f"trainer.steps={steps}", "trainer.log_every=5",
+            f"trainer.eval_every={eval_every}", "trainer.eval_batch_size=64", "checkpoint.export_hf=false",
+            "checkpoint.final=false", "schedule=constant", *extra]
+
+
 def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from llmopt.train.run import run
 
-    flavor, optimizer, precision, *rest = case.split(":")
-    mode = rest[0] if rest else "truncate_pad"
-    micro = MICRO[flavor]
-    overrides = [f"model={flavor}", f"optimizer={optimizer}", "data=c4_local", f"data.data_dir={data_dir}",
-                 f"data.mode={mode}", "data.num_workers=2", "data.eval_tokens=150000",
-                 f"trainer.precision={precision}", f"trainer.compile={str(compile_model).lower()}",
-                 f"trainer.micro_batch_size={micro}", f"trainer.global_batch_size={2 * micro}",
-                 f"trainer.steps={steps}", "trainer.log_every=5", f"trainer.eval_every={10 * steps}",
-                 "trainer.eval_batch_size=64", "checkpoint.export_hf=false", "checkpoint.final=false",
-                 "schedule=constant"]
+    overrides = case_overrides(case, data_dir, steps, compile_model)
     GlobalHydra.instance().clear()
     torch._dynamo.reset()  # each case compiles a new model: keep earlier cases from filling the recompile limit
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -52,16 +83,27 @@ def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool) -> d
             cfg = compose("train", overrides=[*overrides, f"checkpoint.dir={tmp}/ckpt"])
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            summary = run(cfg, Path(tmp) / "run")
+            try:
+                summary = run(cfg, Path(tmp) / "run")
+            except Exception as err:  # a refusal is a result: how fast, and what it said
+                return {"case": case, "error": f"{type(err).__name__}: {err}"[:500],
+                        "wall_s": time.perf_counter() - t0}
             wall = time.perf_counter() - t0
             records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in records if "perf/token_slots_per_s" in r][1:]  # the first interval holds compilation
-    return {"case": case, "compile": compile_model,
-            "tok_s": statistics.median(r["perf/token_slots_per_s"] for r in logs),
-            "mfu": statistics.median(r.get("perf/mfu", 0.0) for r in logs),
-            "data_wait": statistics.median(r["perf/data_wait_frac"] for r in logs),
-            "peak_gb": max(r["perf/peak_memory_gb"] for r in logs), "wall_s": wall,
-            "final_loss": records[-1].get("train/loss"), "eval_tokens": summary.get("eval/tokens")}
+    evals = [r for r in records if "perf/eval_s" in r]
+    row = {"case": case, "compile": cfg.trainer.compile,
+           "tok_s": statistics.median(r["perf/token_slots_per_s"] for r in logs),
+           "mfu": statistics.median(r.get("perf/mfu", 0.0) for r in logs),
+           "data_wait": statistics.median(r["perf/data_wait_frac"] for r in logs),
+           "peak_gb": max(r["perf/peak_memory_gb"] for r in logs), "wall_s": wall,
+           "losses": [round(r["train/loss"], 3) for r in records if "train/loss" in r],
+           "eval_tokens": summary.get("eval/tokens")}
+    if evals:
+        row["eval_s"] = evals[-1]["perf/eval_s"]  # the last pass: the first may hold compilation
+    if "eval10m" in case:  # its log intervals hold the evaluations: the training figures mean nothing
+        row.update(tok_s=None, mfu=None, data_wait=None)
+    return row
 
 
 def reference_loop(flavor: str, steps: int) -> dict:
@@ -113,22 +155,21 @@ def main(argv=None) -> int:
     for flavor in args.reference:
         record(reference_loop(flavor, steps=15))
     for case in args.cases:
-        try:
-            record(trainer_case(case, args.data_dir, args.steps, not args.no_compile))
-        except Exception as err:  # keep measuring the other cases; the error is part of the record
-            record({"case": case, "error": f"{type(err).__name__}: {err}"[:500]})
+        record(trainer_case(case, args.data_dir, args.steps, not args.no_compile))
     ref = {r["case"].split(":")[0]: r["tok_s"] for r in rows if r["case"].endswith("reference_eager")}
     print(f"{'case':32} {'tok/s':>10} {'x eager':>8} {'MFU':>6} {'data wait':>9} {'peak GB':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:32} ERROR {r['error'][:80]}")
+            print(f"{r['case']:32} ERROR after {r['wall_s']:.1f} s: {r['error'][:150]}")
             continue
         base = ref.get(r["case"].split(":")[0])
-        ratio = f"{r['tok_s'] / base:.2f}" if base and "reference" not in r["case"] else "-"
+        ratio = f"{r['tok_s'] / base:.2f}" if base and r["tok_s"] and "reference" not in r["case"] else "-"
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
-        wait = f"{100 * r['data_wait']:.1f}%" if "data_wait" in r else "-"
+        wait = f"{100 * r['data_wait']:.1f}%" if r.get("data_wait") is not None else "-"
+        tok_s = f"{r['tok_s']:10,.0f}" if r["tok_s"] else f"{'-':>10}"
         peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
-        print(f"{r['case']:32} {r['tok_s']:10,.0f} {ratio:>8} {mfu:>6} {wait:>9} {peak:>8}")
+        evaluation = f"  eval {r['eval_tokens']:,} tokens in {r['eval_s']:.1f} s" if "eval_s" in r else ""
+        print(f"{r['case']:32} {tok_s} {ratio:>8} {mfu:>6} {wait:>9} {peak:>8}{evaluation}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d")}))
     return 0

@@ -1,8 +1,14 @@
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels (llmopt/optim/kernels.py) run on CPU tensors in Triton's interpreter;
+# set before llmopt is imported, since kernels.py reads it then.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llmopt.model import build_model, llama_config
 

@@ -13,13 +13,15 @@ beta_t = beta * lr_t / lr_peak inside [start_step, end_step) and 0 outside, wher
 steps, lr_t is the base's first group lr when pre_forward runs, and lr_peak its "initial_lr" (set by
 torch LR schedulers) or, without a scheduler, its lr at construction. m is updated on every step.
 init="zero" starts from m = 0 (the package); init="first_update" sets m_1 = x_1 - x_0 (the paper's
-code). gamma = 0 is classical Nesterov lookahead.
+code). gamma = 0 is classical Nesterov lookahead. `fused`: the momentum update after each step as one
+Triton kernel over all parameters (kernels.py); None uses it on CUDA, True insists, False uses foreach ops.
 """
 
 from __future__ import annotations
 
 import torch
 
+from llmopt.optim import kernels
 from llmopt.optim.common import OptimizerWrapper, check_choice, check_unit_interval
 from llmopt.optim.memory import state_tensors
 
@@ -28,7 +30,7 @@ INITS = ("zero", "first_update")
 
 class EMANesterov(OptimizerWrapper):
     def __init__(self, base_optimizer: torch.optim.Optimizer, beta: float = 0.5, gamma: float = 0.99,
-                 start_step: int = 0, end_step: int | None = None, init: str = "zero"):
+                 start_step: int = 0, end_step: int | None = None, init: str = "zero", fused: bool | None = None):
         check_unit_interval(beta=beta, gamma=gamma)
         check_choice("init", init, INITS)
         if start_step < 0 or (end_step is not None and end_step < start_step):
@@ -37,7 +39,7 @@ class EMANesterov(OptimizerWrapper):
         self.base = base_optimizer
         self.inner = [base_optimizer]
         self._init_wrapper()
-        self.beta, self.gamma, self.init = beta, gamma, init
+        self.beta, self.gamma, self.init, self.fused = beta, gamma, init, fused
         self.start_step, self.end_step = start_step, end_step
         first = self.param_groups[0]
         self.lr_peak = first.get("initial_lr", first["lr"])
@@ -71,15 +73,20 @@ class EMANesterov(OptimizerWrapper):
             raise RuntimeError("EMANesterov: call pre_forward() before the forward pass of every step "
                                "(the gradient must be taken at the lookahead point)")
         loss = self.base.step(closure)
-        # d = x_{t+1} - x_t is formed in the prev buffer itself (as prev - p = -d): no parameter-sized temporary
-        torch._foreach_sub_(self.prev, self.params)
-        if self.init == "first_update" and self.step_count == 0:
-            torch._foreach_copy_(self.momentum, self.prev)
-            torch._foreach_neg_(self.momentum)
+        first_update = self.init == "first_update" and self.step_count == 0
+        if kernels.use_kernels(self.fused, self.params + self.prev + self.momentum, "EMANesterov"):
+            # m <- gamma m + (1 - gamma)(p - prev); prev <- p in one pass (gamma = 0: m_1 = x_1 - x_0)
+            kernels.ema_momentum_(self.momentum, self.prev, self.params, 0.0 if first_update else self.gamma)
         else:
-            torch._foreach_mul_(self.momentum, self.gamma)
-            torch._foreach_add_(self.momentum, self.prev, alpha=-(1 - self.gamma))
-        torch._foreach_copy_(self.prev, self.params)
+            # d = x_{t+1} - x_t is formed in the prev buffer itself (as prev - p = -d): no temporary
+            torch._foreach_sub_(self.prev, self.params)
+            if first_update:
+                torch._foreach_copy_(self.momentum, self.prev)
+                torch._foreach_neg_(self.momentum)
+            else:
+                torch._foreach_mul_(self.momentum, self.gamma)
+                torch._foreach_add_(self.momentum, self.prev, alpha=-(1 - self.gamma))
+            torch._foreach_copy_(self.prev, self.params)
         self.step_count += 1
         self._moved = False
         return loss

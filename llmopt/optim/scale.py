@@ -17,6 +17,8 @@ one learning rate means the same step size for all of them:
   spectral  Newton-Schulz U V^T (Muon's coefficients, 5 steps) times sqrt(max(rows, cols));
   none      g itself.
 `momentum_on` moves the momentum: "output" (SCALE), "all" (every matrix), "none".
+`fused`: the row normalization and the update in one Triton kernel launch per row length (kernels.py);
+None uses it on CUDA, True insists, False keeps the eager per-tensor loop.
 
 The vector groups' lr is `adam_lr` (their own peak): a schedule that scales every group's initial
 lr gives them adam_lr * lr_t / lr_peak, as the authors' code does. State dtype = parameter dtype.
@@ -28,6 +30,7 @@ import math
 
 import torch
 
+from llmopt.optim import kernels
 from llmopt.optim.common import (
     check_choice,
     check_nonnegative,
@@ -66,7 +69,8 @@ def normalize(g: torch.Tensor, kind: str, transposed: bool = False) -> torch.Ten
 class SCALE(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, adam_lr: float = 1e-3,
                  adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
-                 weight_decay: float = 0.0, normalization: str = "column", momentum_on: str = "output"):
+                 weight_decay: float = 0.0, normalization: str = "column", momentum_on: str = "output",
+                 fused: bool | None = None):
         check_nonnegative(lr=lr, adam_lr=adam_lr, adam_eps=adam_eps, weight_decay=weight_decay)
         check_unit_interval(momentum=momentum, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1])
         check_choice("normalization", normalization, NORMALIZATIONS)
@@ -78,6 +82,7 @@ class SCALE(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, adam_betas=tuple(adam_betas), adam_eps=adam_eps,
                         weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on)
         super().__init__(groups, defaults)
+        self.fused = fused
 
     def _uses_momentum(self, group: dict) -> bool:
         on = group["momentum_on"]
@@ -93,18 +98,23 @@ class SCALE(torch.optim.Optimizer):
             if group["role"] == "vector":
                 self._adamw(group, params)
                 continue
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd, kind = group["lr"], group["weight_decay"], group["normalization"]
             transposed = group["role"] == "embedding"
-            for p in params:
-                direction = p.grad
-                if self._uses_momentum(group):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    direction = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            directions = [p.grad for p in params]
+            if self._uses_momentum(group):
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                directions = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_lerp_(directions, [p.grad for p in params], 1 - group["momentum"])
+            if (kind in ("column", "row") and unit_dim(kind, transposed) == 1
+                    and all(p.size(1) <= kernels.MAX_ROW for p in params)
+                    and kernels.use_kernels(self.fused, params + directions, "SCALE")):
+                kernels.row_normalized_update_(params, directions, lr, decay=1 - lr * wd)
+                continue
+            for p, direction in zip(params, directions):
                 if wd:
                     p.mul_(1 - lr * wd)
-                kind = group["normalization"]
                 if kind in ("column", "row"):  # fused: the normalized direction is never materialized
                     p.addcdiv_(direction, rms_scale(direction, unit_dim(kind, transposed)), value=-lr)
                 else:
@@ -112,20 +122,26 @@ class SCALE(torch.optim.Optimizer):
         return loss
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        """AdamW with multi-tensor (foreach) ops: a handful of launches for every 1-D parameter."""
         beta1, beta2 = group["adam_betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["adam_eps"]
-        for p in params:
-            state = self.state[p]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if "step" not in state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+        for state in states:
             state["step"] += 1
-            t = state["step"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(p.grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
+        # the bias corrections differ only if parameters joined at different steps: one step size each
+        step_sizes = [lr * math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"]) for s in states]
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s for s in step_sizes])

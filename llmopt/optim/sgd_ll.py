@@ -12,6 +12,10 @@ Both clips are computed as min(1, ...) factors, so the step never syncs with the
 kept in the state for diagnostics: "rms_clipped" (1.0 if the RMS clip fired this step),
 "rms_clip_count" (steps it fired, cumulative) and, for the output layer, "row_clip_fraction" (share of
 rows clipped this step). State dtype = parameter dtype (the diagnostics are float32 scalars).
+
+`fused`: both passes as Triton kernels over all tensors of a group (kernels.py: the momentum update
+with each tensor's sum of squares, then the clipped update); None uses them on CUDA, True insists,
+False keeps the foreach/per-tensor eager code. The output layer's row clip stays eager.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ import math
 
 import torch
 
+from llmopt.optim import kernels
 from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups
 
 
 class SGDLL(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 100.0, momentum: float = 0.9, tau: float | None = 5e-4,
-                 delta: float | None = 1e-3):
+                 delta: float | None = 1e-3, fused: bool | None = None):
         check_nonnegative(lr=lr, tau=tau, delta=delta)
         check_unit_interval(momentum=momentum)
         super().__init__(role_groups(params), dict(lr=lr, momentum=momentum, tau=tau, delta=delta))
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -45,26 +51,39 @@ class SGDLL(torch.optim.Optimizer):
                     state["rms_clipped"] = torch.zeros((), device=p.device)
                     state["rms_clip_count"] = torch.zeros((), device=p.device)
             momenta = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_lerp_(momenta, [p.grad for p in params], 1 - group["momentum"])
-            # clip statistics in at least fp32 (bf16 norms are too coarse), fp64 stays fp64
+            grads = [p.grad for p in params]
+            clip_rows = group["role"] == "output" and delta is not None
+            fused = tau is not None and kernels.use_kernels(self.fused, params + momenta + grads, "SGDLL")
+            # pass 1: the momenta and every tensor's update RMS (clip statistics in at least fp32: bf16
+            # norms are too coarse; fp64 stays fp64)
             stat_dtype = torch.promote_types(params[0].dtype, torch.float32)
             updates = momenta
-            if group["role"] == "output" and delta is not None:
-                updates = [self._clip_rows(m, delta, self.state[p], stat_dtype) for m, p in zip(momenta, params)]
-            if tau is None:
-                torch._foreach_add_(params, updates, alpha=-lr)
-                continue
-            # every tensor's step RMS, lr * RMS(u), at once: one multi-tensor norm, then [tensors]-sized math
-            step_rms = torch._foreach_norm(updates, 2, dtype=stat_dtype)
-            torch._foreach_mul_(step_rms, [lr / math.sqrt(u.numel()) for u in updates])
-            step_rms = torch.stack(step_rms)
+            if fused and not clip_rows:
+                sq_sums = kernels.lerp_sumsq_(momenta, grads, 1 - group["momentum"])
+                norms = sq_sums.sqrt()
+            else:
+                torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+                if clip_rows:
+                    updates = [self._clip_rows(m, delta, self.state[p], stat_dtype) for m, p in zip(momenta, params)]
+                if tau is None:
+                    torch._foreach_add_(params, updates, alpha=-lr)
+                    continue
+                norms = torch.stack(torch._foreach_norm(updates, 2, dtype=stat_dtype))
+            # the step RMS, lr * RMS(u), and the clip factors as [tensors]-sized math on the device
+            inverse_sqrt_numel = kernels.device_tensor(tuple(1 / math.sqrt(u.numel()) for u in updates),
+                                                       norms.dtype, norms.device)
+            step_rms = norms * inverse_sqrt_numel * lr
             fired = step_rms > tau
-            factors = torch.where(fired, tau / step_rms, 1.0).to(params[0].dtype).unbind()
+            factors = torch.where(fired, tau / step_rms, 1.0)
             fired = fired.float().unbind()
             torch._foreach_copy_([self.state[p]["rms_clipped"] for p in params], fired)
             torch._foreach_add_([self.state[p]["rms_clip_count"] for p in params], fired)
-            for p, update, factor in zip(params, updates, factors):
-                p.addcmul_(update, factor, value=-lr)  # the clipped update is never materialized
+            # pass 2: p <- p - lr * factor * u; the clipped update is never materialized
+            if fused:
+                kernels.scaled_sub_(params, updates, factors, lr)
+                continue
+            for p, update, factor in zip(params, updates, factors.to(params[0].dtype).unbind()):
+                p.addcmul_(update, factor, value=-lr)
         return loss
 
     @staticmethod

@@ -1,0 +1,347 @@
+"""The Triton kernels of llmopt/optim/kernels.py and the optimizers' fused paths.
+
+On a machine without CUDA the kernels run on CPU tensors under Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 there); with CUDA every test also runs on the GPU. Three layers:
+  - each kernel against its formula evaluated in float64 in the test (fp32 tensors), and against the
+    eager code's rounding (bf16 tensors: within one unit in the last place);
+  - SCALE, SGD-LL and EMA-Nesterov with fused=True against the float64 references of
+    test_optim_reference.py over several steps (parameters and state), fed identical gradients;
+  - fused=True against fused=False on bf16 parameters, and the errors of fused=True where it cannot run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from llmopt.model import build_model, llama_config
+from llmopt.optim import kernels
+from llmopt.optim.ema_nesterov import EMANesterov
+from llmopt.optim.scale import SCALE
+from llmopt.optim.sgd_ll import SGDLL
+from tests.test_optim_reference import (
+    FACTORS,
+    RefEMANesterov,
+    RefSCALE,
+    RefSGDLL,
+    assert_close,
+    role_groups,
+    role_of_names,
+    set_lrs,
+)
+
+DEVICES = (["cpu"] if kernels.INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_kernels_can_run_here():
+    """Not a skip in disguise: every machine that runs the suite runs the kernels somewhere."""
+    assert kernels.triton is not None, "triton is not installed: pip install -e '.[dev]' installs it"
+    assert DEVICES, "neither CUDA nor TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)"
+
+
+def mantissa_bits(dtype):
+    return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+
+
+def within_ulps(actual, expected, what, ulps=1, floor=1e-30):
+    """|actual - expected| <= ulps units in the last place of the larger of the two, counted at no less
+    than `floor` (results near zero by cancellation carry the absolute error of their operands)."""
+    bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[expected.dtype]
+    magnitude = torch.maximum(expected.double().abs(), actual.double().abs()).clamp_min(floor)
+    unit = torch.pow(2.0, torch.floor(torch.log2(magnitude)) - bits)
+    worst = ((actual.double() - expected.double()).abs() / (ulps * unit)).max().item()
+    assert worst <= 1.0, f"{what}: {worst * ulps:.2f} units in the last place apart (allowed {ulps})"
+
+
+def tensors(shapes, dtype, device, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
+
+
+# shapes that cover: several row lengths in one call (one launch each), rows not a power of two,
+# a partial last row block, a single row, elements spanning several element blocks with a partial last one
+ROW_SHAPES = [(300, 37), (5, 130), (1, 37), (64, 64), (9, 4100)]
+FLAT_SHAPES = [(3, 4097), (10,), (64, 64), (1,), (2, 9000)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decay", [1.0, 0.99])
+def test_row_normalized_update_fp32_matches_float64_formula(device, decay):
+    params = tensors(ROW_SHAPES, torch.float32, device, 0)
+    directions = tensors(ROW_SHAPES, torch.float32, device, 1, scale=1e-3)
+    # one all-zero row: its RMS is floored at 1e-8, so it is left alone
+    directions[0][3].zero_()
+    expected = []
+    for p, d in zip(params, directions):
+        p64, d64 = p.double(), d.double()
+        rms = d64.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-8)
+        expected.append(p64 * decay - 0.01 * d64 / rms)
+    kernels.row_normalized_update_(params, directions, lr=0.01, decay=decay)
+    for i, (p, e) in enumerate(zip(params, expected)):
+        assert p.dtype == torch.float32 and p.device.type == device
+        assert_close(p.cpu(), e.cpu(), f"tensor {i} {tuple(p.shape)}", tol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_normalized_update_bf16_matches_eager_rounding(device):
+    params = tensors(ROW_SHAPES, torch.bfloat16, device, 2)
+    directions = tensors(ROW_SHAPES, torch.bfloat16, device, 3, scale=1e-2)
+    eager = [p.clone() for p in params]
+    for p, d in zip(eager, directions):  # SCALE's eager code for decay 0.9: mul_, then addcdiv_ by the rms
+        p.mul_(0.9)
+        p.addcdiv_(d, torch.linalg.vector_norm(d, dim=1, keepdim=True).div_(math.sqrt(d.size(1))).clamp_min_(1e-8),
+                   value=-0.1)
+    kernels.row_normalized_update_(params, directions, lr=0.1, decay=0.9)
+    for i, (p, e) in enumerate(zip(params, eager)):
+        assert p.dtype == torch.bfloat16
+        within_ulps(p.cpu(), e.cpu(), f"tensor {i} {tuple(p.shape)}", ulps=1)
+        assert not torch.equal(p.cpu(), tensors(ROW_SHAPES, torch.bfloat16, "cpu", 2)[i]), "nothing was written"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight", [0.1, 0.7])  # both branches of torch.lerp's formula
+def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
+    # small blocks: the largest tensor spans more than 1024 blocks, so the segment sum loops
+    monkeypatch.setattr(kernels, "ELEMENTS_PER_PROGRAM", 16)
+    momenta = tensors(FLAT_SHAPES, torch.float32, device, 4)
+    grads = tensors(FLAT_SHAPES, torch.float32, device, 5)
+    expected = [m.double() + weight * (g.double() - m.double()) for m, g in zip(momenta, grads)]
+    sums = kernels.lerp_sumsq_(momenta, grads, weight)
+    assert sums.shape == (len(FLAT_SHAPES),) and sums.dtype == torch.float32
+    for i, (m, e) in enumerate(zip(momenta, expected)):
+        torch.testing.assert_close(m.cpu(), e.float().cpu(), rtol=1e-6, atol=1e-6, msg=f"momentum {i}")
+        assert sums[i].item() == pytest.approx(m.double().pow(2).sum().item(), rel=1e-5), f"sum of squares {i}"
+    again = kernels.lerp_sumsq_([m.clone() for m in momenta], grads, weight)
+    assert torch.equal(again, kernels.lerp_sumsq_([m.clone() for m in momenta], grads, weight)), \
+        "the sums must be reproducible (no atomics)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lerp_sumsq_bf16_and_mixed_dtypes(device):
+    shapes = FLAT_SHAPES[:3]
+    momenta = tensors(shapes, torch.bfloat16, device, 6) + tensors(shapes[:1], torch.float32, device, 7)
+    grads = tensors(shapes, torch.bfloat16, device, 8) + tensors(shapes[:1], torch.float32, device, 9)
+    eager = [m.clone() for m in momenta]
+    torch._foreach_lerp_(eager, grads, 0.1)
+    sums = kernels.lerp_sumsq_(momenta, grads, 0.1)
+    for i, (m, e) in enumerate(zip(momenta, eager)):
+        assert m.dtype == e.dtype
+        # operands O(1): fp32's absolute error near zero is that of O(1) values
+        within_ulps(m.cpu(), e.cpu(), f"momentum {i} ({m.dtype})", ulps=1,
+                    floor=1.0 if m.dtype == torch.float32 else 1e-2)
+        assert sums[i].item() == pytest.approx(m.double().pow(2).sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_sub(device, dtype):
+    params = tensors(FLAT_SHAPES, dtype, device, 10)
+    updates = tensors(FLAT_SHAPES, dtype, device, 11)
+    factors = torch.tensor([1.0, 0.25, 0.5, 1.0, 0.03125], device=device)
+    eager = [p.clone() for p in params]
+    for p, u, f in zip(eager, updates, factors.to(dtype).unbind()):
+        p.addcmul_(u, f, value=-0.5)
+    kernels.scaled_sub_(params, updates, factors, lr=0.5)
+    for i, (p, e) in enumerate(zip(params, eager)):
+        within_ulps(p.cpu(), e.cpu(), f"param {i}", ulps=1, floor=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma", [0.9, 0.0])
+def test_ema_momentum(device, gamma):
+    momenta = tensors(FLAT_SHAPES, torch.float32, device, 12)
+    prev = tensors(FLAT_SHAPES, torch.float32, device, 13)
+    params = tensors(FLAT_SHAPES, torch.float32, device, 14)
+    expected = [gamma * m.double() + (1 - gamma) * (p.double() - q.double()) for m, q, p in zip(momenta, prev, params)]
+    kernels.ema_momentum_(momenta, prev, params, gamma)
+    for i, (m, q, p, e) in enumerate(zip(momenta, prev, params, expected)):
+        assert_close(m.cpu(), e.cpu(), f"momentum {i}", tol=1e-6)
+        assert torch.equal(q, p), f"prev {i} must hold the new parameters"
+
+
+# ------------------------------------------------------------------------------------------------
+# the optimizers' fused paths against the float64 references
+# ------------------------------------------------------------------------------------------------
+
+def fp32_model_and_reference(device):
+    model = build_model(llama_config("micro"), seed=0, dtype=torch.float32).to(device)
+    ref = copy.deepcopy(model).double().cpu()
+    return model, ref, dict(model.named_parameters()), dict(ref.named_parameters())
+
+
+def give_gradients(params, ref_params, step, seed=0):
+    """The same gradients to both: random, with scales spread over two decades across tensors (so the
+    clips fire on some tensors only); the reference gets the fp32 values exactly."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    for i, (n, p) in enumerate(params.items()):
+        scale = 10 ** (-2 * ((i * 7919) % 13) / 12)
+        g = (torch.randn(p.shape, generator=gen) * scale).float()
+        p.grad = g.to(p.device)
+        ref_params[n].grad = g.double()
+
+
+def compare(model_params, ref_params, what, tol=2e-5):
+    for n, p in model_params.items():
+        assert_close(p.detach().cpu(), ref_params[n].detach(), f"{what}: {n}", tol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum_on,weight_decay", [("output", 0.0), ("all", 0.1)])
+def test_scale_fused_matches_reference(device, momentum_on, weight_decay):
+    model, ref, params, ref_params = fp32_model_and_reference(device)
+    hp = dict(lr=3e-3, momentum=0.8, adam_lr=2e-2, adam_betas=(0.9, 0.99), adam_eps=1e-8,
+              weight_decay=weight_decay, normalization="column", momentum_on=momentum_on)
+    opt = SCALE(role_groups(model), fused=True, **hp)
+    ref_opt = RefSCALE(role_of_names(ref), **hp)
+    peaks = [g["lr"] for g in opt.param_groups]
+    for t in range(4):
+        set_lrs(opt, peaks, FACTORS[t])
+        give_gradients(params, ref_params, t)
+        opt.step()
+        ref_opt.step(ref_params, FACTORS[t])
+        compare(params, ref_params, f"step {t}")
+        for n, p in params.items():
+            for key, value in ref_opt.state[n].items():
+                if isinstance(value, torch.Tensor):
+                    assert_close(opt.state[p][key].cpu(), value, f"step {t}: {key} of {n}", tol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip", ["mixed", "off"])
+def test_sgd_ll_fused_matches_reference(device, clip):
+    model, ref, params, ref_params = fp32_model_and_reference(device)
+    lr, momentum = 100.0, 0.9
+    tau, delta = None, None
+    if clip == "mixed":  # thresholds between the smallest and largest step-0 values
+        give_gradients(params, ref_params, 0)
+        rms = [lr * (1 - momentum) * p.grad.double().pow(2).mean().sqrt().item() for p in params.values()]
+        tau = math.sqrt(min(rms) * max(rms))
+        norms = (1 - momentum) * model.lm_head.weight.grad.double().norm(dim=1)
+        delta = math.sqrt(norms.min().item() * norms.max().item())
+    opt = SGDLL(role_groups(model), lr=lr, momentum=momentum, tau=tau, delta=delta, fused=True)
+    ref_opt = RefSGDLL(role_of_names(ref), lr=lr, momentum=momentum, tau=tau, delta=delta)
+    peaks = [g["lr"] for g in opt.param_groups]
+    fired = set()
+    for t in range(5):
+        set_lrs(opt, peaks, FACTORS[t])
+        give_gradients(params, ref_params, t)
+        opt.step()
+        ref_opt.step(ref_params, FACTORS[t])
+        compare(params, ref_params, f"step {t}", tol=1e-4)
+        for n, p in params.items():
+            state, ref_state = opt.state[p], ref_opt.state[n]
+            assert_close(state["momentum_buffer"].cpu(), ref_state["momentum_buffer"], f"step {t}: momentum of {n}",
+                         tol=1e-6)
+            if tau is not None:
+                assert state["rms_clipped"].item() == ref_state["rms_clipped"], f"step {t}: rms_clipped of {n}"
+                assert state["rms_clip_count"].item() == ref_state["rms_clip_count"], f"step {t}: count of {n}"
+                if ref_state["rms_clipped"]:
+                    fired.add(n)
+    if clip == "mixed":
+        assert 0 < len(fired) < len(params), f"the RMS clip should fire on some tensors only, fired on {fired}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("init", ["zero", "first_update"])
+def test_ema_nesterov_fused_matches_reference(device, init):
+    model, ref, params, ref_params = fp32_model_and_reference(device)
+    hp = dict(lr=3e-3, momentum=0.8, adam_lr=2e-2, adam_betas=(0.9, 0.99), adam_eps=1e-8,
+              weight_decay=0.0, normalization="column", momentum_on="output")
+    base = SCALE(role_groups(model), fused=True, **hp)
+    opt = EMANesterov(base, beta=0.5, gamma=0.9, start_step=1, end_step=None, init=init, fused=True)
+    peaks = [g["lr"] for g in opt.param_groups]
+    ref_base = RefSCALE(role_of_names(ref), **hp)
+    ref_ema = RefEMANesterov(ref_params, 0.5, 0.9, 1, None, init)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for t in range(4):
+        set_lrs(opt, peaks, FACTORS[t])
+        opt.pre_forward()
+        ref_ema.pre_forward(FACTORS[t])
+        give_gradients(params, ref_params, t)
+        opt.step()
+        ref_base.step(ref_params, FACTORS[t])
+        ref_ema.post_step()
+        compare(params, ref_params, f"step {t}")
+        for p, prev, momentum in zip(opt.params, opt.prev, opt.momentum):
+            n = names[id(p)]
+            assert_close(momentum.cpu(), ref_ema.m[n], f"step {t}: lookahead momentum of {n}", tol=2e-5)
+            assert torch.equal(prev, p.detach()), f"step {t}: prev of {n}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_equals_eager_on_bf16_parameters(device):
+    """bf16 parameters and state (the protocol's pure-bf16 mode): after 3 steps every parameter of the
+    fused paths is within a few units in the last place (of the tensor's scale) of the eager paths'."""
+    def build(fused):
+        model = build_model(llama_config("micro"), seed=0, dtype=torch.bfloat16).to(device)
+        scale = SCALE(role_groups(model), lr=1e-2, adam_lr=1e-2, fused=fused)
+        return model, EMANesterov(scale, beta=0.5, gamma=0.9, fused=fused)
+
+    def build_sgd_ll(fused):
+        model = build_model(llama_config("micro"), seed=0, dtype=torch.bfloat16).to(device)
+        return model, SGDLL(role_groups(model), lr=100.0, tau=1e-3, delta=1e-3, fused=fused)
+
+    for builder in (build, build_sgd_ll):
+        (fast, fast_opt), (slow, slow_opt) = builder(True), builder(False)
+        for t in range(3):
+            for model, opt in ((fast, fast_opt), (slow, slow_opt)):
+                if hasattr(opt, "pre_forward"):
+                    opt.pre_forward()
+                gen = torch.Generator().manual_seed(t)
+                for p in model.parameters():
+                    p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(torch.bfloat16).to(device)
+                opt.step()
+        for (n, p), q in zip(fast.named_parameters(), slow.parameters()):
+            # rounding differences of a few ulps feed the next steps: counted at the tensor's scale
+            within_ulps(p.detach().cpu(), q.detach().cpu(), f"{builder.__name__}: {n}", ulps=4,
+                        floor=q.detach().abs().max().item() / 2)
+        moved = max((p.detach().float() - q.float()).abs().max().item() for p, q in
+                    zip(fast.parameters(), build_model(llama_config("micro"), seed=0, dtype=torch.bfloat16).to(device)
+                        .parameters()))
+        assert moved > 0, f"{builder.__name__}: the fused optimizer did not move the parameters"
+
+
+def test_fused_true_refuses_where_the_kernels_cannot_run(monkeypatch):
+    model = build_model(llama_config("micro"), seed=0, dtype=torch.float64)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="fused=True needs the Triton kernels.*fp32/bf16/fp16"):
+        SCALE(role_groups(model), fused=True).step()
+    model = build_model(llama_config("micro"), seed=0, dtype=torch.float32)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="SGDLL: fused=True.*CUDA.*TRITON_INTERPRET=1"):
+        SGDLL(role_groups(model), fused=True).step()
+    monkeypatch.setattr(kernels, "triton", None)
+    lookahead = EMANesterov(torch.optim.SGD(model.parameters(), lr=0.1), fused=True)
+    lookahead.pre_forward()
+    with pytest.raises(RuntimeError, match="EMANesterov: fused=True.*triton is not installed"):
+        lookahead.step()
+    # fused=None on the CPU is the eager path, without an error
+    before = [p.detach().clone() for p in model.parameters()]
+    SCALE(role_groups(model), fused=None).step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_scale_rows_longer_than_the_kernel_keeps_take_the_eager_path(monkeypatch):
+    """Rows over MAX_ROW go through the eager code (same update); shorter ones through the kernel."""
+    calls = []
+    kernel = kernels.row_normalized_update_
+    monkeypatch.setattr(kernels, "row_normalized_update_", lambda *a, **k: calls.append(len(a[0])) or kernel(*a, **k))
+    results = {}
+    for max_row in (8, kernels.MAX_ROW):
+        monkeypatch.setattr(kernels, "MAX_ROW", max_row)
+        model = build_model(llama_config("micro"), seed=0, dtype=torch.float32).to(DEVICES[0])
+        for p in model.parameters():
+            p.grad = torch.ones_like(p).cumsum(-1)
+        calls.clear()
+        SCALE(role_groups(model), fused=True).step()
+        results[max_row] = ([p.detach().cpu() for p in model.parameters()], list(calls))
+    (long_rows, long_calls), (short_rows, short_calls) = results.values()
+    assert long_calls == [] and short_calls == [4 * 2 + 3 * 2, 1], (long_calls, short_calls)  # matrices, lm_head
+    for a, b in zip(long_rows, short_rows):
+        torch.testing.assert_close(a, b)
