@@ -234,7 +234,7 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
 
 def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: float) -> torch.Tensor:
     """m <- lerp(m, g, weight) for every pair; returns sum(m^2) of each new m (fp32, in list order)."""
-    sums = torch.empty(len(momenta), dtype=torch.float32, device=momenta[0].device)
+    sums = None
     for dtype, (ms, gs), idx in _by_dtype(momenta, grads):
         grid, tensor, start, first, counts, numel = _elementwise_launch(ms)
         partials = torch.empty(grid[0], dtype=torch.float32, device=ms[0].device)
@@ -244,7 +244,9 @@ def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: 
         _segment_sum_kernel[(len(ms),)](partials, first, counts, out, BLOCK=1024, num_warps=4)
         if len(idx) == len(momenta):
             return out
-        sums[device_tensor(tuple(idx), torch.int64, sums.device)] = out
+        if sums is None:  # several dtypes: gather each one's sums into list order
+            sums = torch.empty(len(momenta), dtype=torch.float32, device=out.device)
+        sums[device_tensor(tuple(idx), torch.int64, out.device)] = out
     return sums
 
 

@@ -131,7 +131,6 @@ class SCALE(torch.optim.Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-        for state in states:
             state["step"] += 1
         # the bias corrections differ only if parameters joined at different steps: one step size each
         step_sizes = [lr * math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"]) for s in states]

@@ -158,11 +158,14 @@ class Trainer:
         """Every held-out set: the validation set as eval/..., each of data.extra_eval as eval/<name>/...;
         perf/eval_s: the seconds the passes took (tokenizing a set on first use excluded)."""
         self.model.eval()
+        for name in (None, *self.data.extra_eval_names):
+            self.data.held_out_set(name)  # tokenized on first use: not part of the timed passes
+        started = time.perf_counter()
         metrics = self._evaluate_set(None, "eval/")
         for name in self.data.extra_eval_names:
             metrics.update(self._evaluate_set(name, f"eval/{name}/"))
+        metrics["perf/eval_s"] = time.perf_counter() - started  # each pass ends in .tolist(): the device is done
         self.model.train()
-        metrics["perf/eval_s"] = sum(metrics.pop(k) for k in [k for k in metrics if k.endswith("/_seconds")])
         return metrics
 
     def _evaluate_set(self, name: str | None, prefix: str) -> dict:
@@ -175,8 +178,6 @@ class Trainer:
         sums = torch.zeros(3, device=acc.device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
         batches = 0
         batch_size = self.config.eval_batch_size or self.config.micro_batch_size
-        self.data.held_out_set(name)  # tokenized on first use: not part of the timed pass
-        started = time.perf_counter()
         for batch in self.data.eval_batches(batch_size, name):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.autocast():
@@ -189,8 +190,7 @@ class Trainer:
         loss = totals[0] / max(totals[1], 1.0)
         paper_loss = totals[2] / acc.num_processes
         return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0)), f"{prefix}tokens": int(totals[1]),
-                f"{prefix}paper_loss": paper_loss, f"{prefix}paper_ppl": math.exp(min(paper_loss, 50.0)),
-                f"{prefix}_seconds": time.perf_counter() - started}  # after .tolist(): the device is done
+                f"{prefix}paper_loss": paper_loss, f"{prefix}paper_ppl": math.exp(min(paper_loss, 50.0))}
 
     # -- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:
