@@ -42,7 +42,7 @@ def measure(cfg: dict, micro_batch_size: int, seconds: float) -> dict:
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         batch = next(data.train)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["attention_mask"].numpy().sum())  # numpy: no torch CPU thread pool in the loop
         slots += batch["input_ids"].numel()
         batches += 1
     elapsed = time.perf_counter() - t0

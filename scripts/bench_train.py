@@ -6,12 +6,13 @@ host time spent waiting for data, all read from the run's metrics.jsonl (first l
 holds compilation, excluded). In the same process, the baseline: a loop like the papers' reference
 code (transformers LlamaForCausalLM, eager, pure bf16, torch AdamW, random tokens), timed the same way.
 
-A case is flavor:optimizer:precision, optionally followed by flags (CASE_FLAGS: packed, ckpt = activation
+A case is flavor:optimizer:precision, optionally followed by flags (CASE_FLAGS: packed, fused_ce, ckpt = activation
 checkpointing, eager = no compile, eval10m = time the evaluation of 10M held-out tokens), mb=N (the
 micro-batch) and Hydra overrides (group.key=value, e.g. optimizer.lr=1e-4). A run that fails (e.g. refused
 by the trainer's memory check) is recorded with its error and the seconds it took to fail.
 
-Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--out F]
+Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--workers 8]
+       [--out F]
 DIR holds c4/*.jsonl.gz, enwiki/*.jsonl.xz (for eval10m) and tokenizers/llmopt-en-32k.model
 (../shared/data has them).
 """
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = {"60m": 64, "130m": 64, "350m": 32, "1b": 16, "7b": 4}
+# micro-batches sized for the H100 (scripts/profile_step.py: tokens/s still rising at these sizes)
+MICRO = {"60m": 256, "130m": 256, "350m": 128, "1b": 32, "7b": 4}
 DEFAULT_CASES = ["60m:adamw:bf16_pure", "60m:scale:bf16_pure", "60m:adamw:amp_bf16", "60m:adamw:bf16_pure:packed",
                  "130m:adamw:bf16_pure", "130m:scale:bf16_pure", "350m:scale:bf16_pure", "1b:adamw:bf16_pure",
                  "1b:scale:bf16_pure"]
@@ -38,6 +40,7 @@ DEFAULT_CASES = ["60m:adamw:bf16_pure", "60m:scale:bf16_pure", "60m:adamw:amp_bf
 CASE_FLAGS = {  # optional words after flavor:optimizer:precision, each a set of overrides
     "packed": ["data.mode=packed"],
     "ckpt": ["trainer.activation_checkpointing=true"],
+    "fused_ce": ["trainer.fused_ce=true"],
     "eager": ["trainer.compile=false"],
     # the evaluation pass on 10M held-out tokens (two Wikipedia shards, packed), run twice; the second is timed
     "eval10m": ["data.mode=packed", "data.eval.files=[enwiki/enwiki-01.jsonl.xz,enwiki/enwiki-02.jsonl.xz]",
@@ -45,7 +48,7 @@ CASE_FLAGS = {  # optional words after flavor:optimizer:precision, each a set of
 }
 
 
-def case_overrides(case: str, data_dir: str, steps: int, compile_model: bool) -> list[str]:
+def case_overrides(case: str, data_dir: str, steps: int, compile_model: bool, workers: int = 8) -> list[str]:
     """The Hydra overrides of a case "flavor:optimizer:precision[:flag ...][:mb=N][:group.key=value ...]"."""
     flavor, optimizer, precision, *flags = case.split(":")
     micro = MICRO[flavor]
@@ -62,20 +65,20 @@ def case_overrides(case: str, data_dir: str, steps: int, compile_model: bool) ->
                              "a Hydra override group.key=value")
     eval_every = steps // 2 if "eval10m" in flags else 10 * steps
     return [f"model={flavor}", f"optimizer={optimizer}", "data=c4_local", f"data.data_dir={data_dir}",
-            "data.num_workers=2", "data.eval_tokens=150000", f"trainer.precision={precision}",
+            f"data.num_workers={workers}", "data.eval_tokens=150000", f"trainer.precision={precision}",
             f"trainer.compile={str(compile_model).lower()}", f"trainer.micro_batch_size={micro}",
             f"trainer.global_batch_size={2 * micro}", f"trainer.steps={steps}", "trainer.log_every=5",
             f"trainer.eval_every={eval_every}", "trainer.eval_batch_size=64", "checkpoint.export_hf=false",
             "checkpoint.final=false", "schedule=constant", *extra]
 
 
-def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool) -> dict:
+def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool, workers: int = 8) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from llmopt.train.run import run
 
-    overrides = case_overrides(case, data_dir, steps, compile_model)
+    overrides = case_overrides(case, data_dir, steps, compile_model, workers)
     GlobalHydra.instance().clear()
     torch._dynamo.reset()  # each case compiles a new model: keep earlier cases from filling the recompile limit
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", nargs="*", default=["60m", "130m", "350m", "1b"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--workers", type=int, default=8, help="tokenizer processes (data.num_workers)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
     for flavor in args.reference:
         record(reference_loop(flavor, steps=15))
     for case in args.cases:
-        record(trainer_case(case, args.data_dir, args.steps, not args.no_compile))
+        record(trainer_case(case, args.data_dir, args.steps, not args.no_compile, args.workers))
     ref = {r["case"].split(":")[0]: r["tok_s"] for r in rows if r["case"].endswith("reference_eager")}
     print(f"{'case':32} {'tok/s':>10} {'x eager':>8} {'MFU':>6} {'data wait':>9} {'peak GB':>8}")
     for r in rows:

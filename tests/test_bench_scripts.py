@@ -1,4 +1,5 @@
-"""The benchmark scripts' own logic, on the CPU: bench_train's case syntax, bench_memory's accounting."""
+"""The benchmark scripts' own logic, on the CPU: bench_train's case syntax, bench_memory's accounting,
+profile_step's kernel kinds."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_memory  # noqa: E402
 import bench_train  # noqa: E402
+import profile_step  # noqa: E402
 
 
 def test_bench_train_case_flags_become_overrides():
@@ -24,6 +26,7 @@ def test_bench_train_case_flags_become_overrides():
     assert overrides[-3:] == ["trainer.activation_checkpointing=true", "trainer.compile=false", "optimizer.lr=1e-4"]
     evaluation = bench_train.case_overrides("60m:adamw:bf16_pure:eval10m", "/d", 10, True)
     assert "data.eval_tokens=10000000" in evaluation and "trainer.eval_every=5" in evaluation
+    assert bench_train.case_overrides("60m:adamw:bf16_pure:fused_ce", "/d", 10, True)[-1] == "trainer.fused_ce=true"
     with pytest.raises(ValueError, match="unknown case flag 'fast'.*mb=N or a Hydra override"):
         bench_train.case_overrides("60m:adamw:bf16_pure:fast", "/d", 10, True)
 
@@ -44,3 +47,16 @@ def test_bench_memory_measures_what_the_accounting_counts(tmp_path, capsys):
     assert rows["adamw"]["paper_gb"] == pytest.approx(3 * weights)
     assert rows["adamw"]["estimate_gb"] == pytest.approx(4 * weights)
     assert "micro  scale" in capsys.readouterr().out
+
+
+def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
+    kind = profile_step.kernel_kind
+    assert kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention"
+    assert kind("triton_red_fused__log_softmax__to_copy_prepare_softmax_online_12") == "triton"
+    assert kind("liger_cross_entropy_kernel") == "triton"
+    assert kind("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert kind("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>") == "other"
+    monkeypatch.setattr(profile_step.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        profile_step.main(["--flavor", "micro"])

@@ -34,6 +34,7 @@ from llmopt.data import (
     parse_config,
 )
 from llmopt.data import sources as sources_mod
+from llmopt.data.pipeline import DocStream
 from llmopt.data.synthetic import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,6 +415,26 @@ def test_malformed_json_lines_skip_and_count_or_fail(tmp_path, caplog):
     assert f"{path}:4: malformed JSON" in caplog.text
     with pytest.raises(BadRecordError, match=rf"(?s){path.name}:4: malformed JSON.*on_bad_record=skip"):
         next(build_data(local_cfg(files=(path,)), micro_batch_size=4).train)
+
+
+def test_bulk_document_reads_equal_one_at_a_time(tmp_path, caplog):
+    """DocStream.next_docs(n) (what truncate_pad batches use) gives next_doc()'s documents, position and
+    bad-record count, across bad records, chunk boundaries and epochs."""
+    lines = [json.dumps({"text": t}) for t in c4_texts()[:40]]
+    lines[3], lines[17], lines[18] = '{"text": "broken', "[1, 2]", '{"text": 3'
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    data = build_data(local_cfg(files=(path,), on_bad_record="skip", chunk_docs=8), micro_batch_size=4)
+
+    def stream():
+        return DocStream(data.train.source, data._settings, rank=0, world_size=1, epoch=0, index=0, cycle=True)
+
+    one, bulk = stream(), stream()
+    for n in (1, 5, 8, 13, 30, 2):  # 59 documents: past the end of the 37 good ones, into the next epoch
+        expected = [one.next_doc().tolist() for _ in range(n)]
+        assert [d.tolist() for d in bulk.next_docs(n)] == expected
+        assert (bulk.epoch, bulk.index, bulk.bad_records) == (one.epoch, one.index, one.bad_records)
+    assert bulk.epoch == 1 and bulk.bad_records == 6
 
 
 def test_documents_without_the_text_field(tmp_path):

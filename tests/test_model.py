@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmopt.model import FLAVORS, build_model, flops_per_token, llama_config, param_counts
+from llmopt.model.loss import CausalLMLoss
 
 # protocol.md section 1: total and attention+MLP parameters of the config files
 PUBLISHED = {"60m": (58.07, 25.30), "130m": (134.11, 84.93), "350m": (367.97, 302.38),
@@ -45,3 +46,42 @@ def test_flops_per_token_follows_the_protocol_formula():
 def test_unknown_flavor_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="unknown model flavor '3b'.*60m"):
         llama_config("3b")
+
+
+def _loss_and_grads(loss_model, model, input_ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss_sum, count = loss_model(input_ids, labels)
+    loss_sum.backward()
+    return loss_sum.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_fused_cross_entropy_matches_the_plain_loss_and_gradients():
+    # liger-kernel's Triton kernels, run on CPU through Triton's interpreter (tests/conftest.py)
+    torch.manual_seed(0)
+    model = build_model(llama_config("micro"), dtype=torch.float32)
+    input_ids = torch.randint(0, 128, (3, 40))
+    labels = input_ids.clone()
+    labels[0, 25:] = -100  # right padding is ignored
+    labels[2, :7] = -100
+    plain = _loss_and_grads(CausalLMLoss(model), model, input_ids, labels)
+    fused = _loss_and_grads(CausalLMLoss(model, fused_ce=True), model, input_ids, labels)
+    # the float64 formula: sum over target tokens of logsumexp(logits) - logit of the target
+    with torch.no_grad():
+        logits = model.double()(input_ids=input_ids).logits[:, :-1]
+        model.float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    expected = nll[mask].sum()
+    assert plain[1] == fused[1] == mask.sum()
+    torch.testing.assert_close(fused[0].double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(plain[0].double(), expected, rtol=1e-5, atol=1e-4)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_cross_entropy_is_refused_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = build_model(llama_config("micro"))
+    with pytest.raises(ValueError, match="need a CUDA device.*trainer.fused_ce=false"):
+        CausalLMLoss(model, fused_ce=True)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from llmopt.model import build_model, llama_config
 from tests.train_helpers import C4_SMALL, compose_config, metrics, run_cli, run_in_process
 
 # (optimizer overrides, lookahead) for a few-step run each; learning rates that move a micro model quickly
@@ -103,8 +104,6 @@ def test_activation_checkpointing_recomputes_and_changes_no_number(tmp_path, mon
     from transformers import LlamaForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from llmopt.model import build_model, llama_config
-
     # count the MLPs inside the layers (the layers' own forward is what transformers wraps to checkpoint)
     calls = {"n": 0}
     original = modeling_llama.LlamaMLP.forward
@@ -131,6 +130,26 @@ def test_activation_checkpointing_recomputes_and_changes_no_number(tmp_path, mon
     assert not torch.equal(initial.state_dict()["model.layers.0.mlp.up_proj.weight"],
                            params["true"]["model.layers.0.mlp.up_proj.weight"])  # the runs did train
 
+
+def test_fused_cross_entropy_trains_as_the_plain_loss(tmp_path):
+    """trainer.fused_ce=true (liger-kernel; Triton's interpreter on CPU): the same losses and parameters
+    after 3 SGD steps (linear in the gradients) as the plain lm_head + cross-entropy. The offline corpus."""
+    from transformers import LlamaForCausalLM
+
+    base = ["model=tiny", "data.seq_len=32", "data.eval_tokens=2000", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=4", "trainer.steps=3", "trainer.log_every=1", "trainer.eval_every=1000",
+            "schedule=constant", "optimizer=sgd", "optimizer.lr=0.5", "checkpoint.export_hf=true"]
+    params, losses = {}, {}
+    for flag in ("false", "true"):
+        run_in_process(tmp_path, [*base, f"trainer.fused_ce={flag}"], name=flag)
+        params[flag] = LlamaForCausalLM.from_pretrained(tmp_path / flag / "hf_model").state_dict()
+        losses[flag] = [r["train/loss"] for r in metrics(tmp_path / flag) if "train/loss" in r]
+    assert len(losses["true"]) == 3 and losses["true"][-1] < losses["true"][0]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    for key in params["false"]:
+        torch.testing.assert_close(params["true"][key], params["false"][key], rtol=1e-4, atol=1e-6, msg=key)
+    initial = build_model(llama_config("tiny"), seed=0)
+    assert not torch.equal(initial.lm_head.weight, params["true"]["lm_head.weight"])  # the runs did train
 
 def test_eval_losses_against_a_hand_computation(tmp_path):
     """token-weighted: sum of token losses / tokens; paper-compatible: sum of batch means / (batches + 1)."""

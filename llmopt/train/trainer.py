@@ -23,6 +23,14 @@ from llmopt.optim.memory import state_bytes
 PRECISIONS = ("bf16_pure", "amp_bf16", "fp32")
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the device without stalling the host: a copy from pageable memory first waits for
+    all the work queued on the GPU, one from pinned memory is queued behind it."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @dataclass
 class TrainerConfig:
     steps: int = 200                 # schedule length (the reference-quirks schedule makes steps + 1 updates)
@@ -103,7 +111,7 @@ class Trainer:
         waited = time.perf_counter()
         host_batches = [next(self.train_iter) for _ in range(self.accumulation)]
         self._data_wait_s += time.perf_counter() - waited
-        batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
+        batches = [to_device(b, device) for b in host_batches]
         counts = torch.stack([torch.stack([(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()])
                               for b in batches]).sum(0)
         totals = acc.reduce(counts.double(), reduction="sum")   # [target tokens, input tokens], all ranks
@@ -179,7 +187,7 @@ class Trainer:
         batches = 0
         batch_size = self.config.eval_batch_size or self.config.micro_batch_size
         for batch in self.data.eval_batches(batch_size, name):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, acc.device)
             with acc.autocast():
                 loss_sum, count = self.model(batch["input_ids"], batch["labels"])
             loss_sum, count = loss_sum.double(), count.double()

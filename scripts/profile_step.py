@@ -1,0 +1,144 @@
+"""Where the time of a compiled training step goes, for the model alone.
+
+For each variant (micro-batch x loss head x compile mode): the flavor's LlamaForCausalLM in pure bf16 inside
+llmopt's CausalLMLoss, torch.compile'd, fused AdamW, random tokens (no data pipeline, no trainer):
+tokens/s and MFU (median step), peak memory and compile time. With --profile, torch.profiler on a few
+steps of each variant splits the GPU time by kernel kind (matmul, attention, Triton-generated, optimizer,
+other) and gives the GPU's busy fraction of the wall time (below 100%: the host does not keep it fed).
+
+Usage: python scripts/profile_step.py --flavor 60m --micro 64 128 256 --heads plain fused [--modes default]
+       [--profile] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+# kernel-name fragments, first match wins (liger-kernel's kernels are Triton too)
+KINDS = [("attention", ("flash", "fmha", "attention")), ("optimizer", ("multi_tensor", "adam")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "sm90", "sm80", "xmma", "cublas")), ("triton", ("triton", "liger"))]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other"
+
+
+def profile_breakdown(step, steps: int = 3) -> dict:
+    """GPU milliseconds per step by kernel kind, and the busy fraction of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            ms = event.device_time_total / 1e3 / steps  # us -> ms per step
+            by_kind[kernel_kind(event.name)] += ms
+            by_name[event.name[:80]] += ms
+    busy = sum(by_kind.values()) / (wall * 1e3 / steps)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_ms": {k: round(v, 2) for k, v in sorted(by_kind.items())}, "gpu_busy": round(busy, 3),
+            "top_kernels_ms": {k: round(v, 2) for k, v in top}}
+
+
+def run_variant(flavor: str, micro: int, head: str, mode: str, seq: int, steps: int, profile: bool) -> dict:
+    from llmopt.metrics.throughput import peak_flops
+    from llmopt.model import build_model, flops_per_token, llama_config
+    from llmopt.model.loss import CausalLMLoss
+
+    device = torch.device("cuda")
+    torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()
+    config = llama_config(flavor)
+    model = build_model(config, device=device, dtype=torch.bfloat16)
+    loss_model = torch.compile(CausalLMLoss(model, fused_ce=head == "fused"),
+                               mode=None if mode == "default" else mode)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, config.vocab_size, (micro, seq), device=device)
+
+    def step():
+        loss_sum, count = loss_model(tokens, tokens)
+        (loss_sum / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    tok_s = micro * seq / statistics.median(times)
+    row = {"flavor": flavor, "micro": micro, "head": head, "mode": mode, "tok_s": round(tok_s),
+           "mfu": round(tok_s * flops_per_token(config, seq) / peak_flops(device), 3),
+           "step_ms": round(statistics.median(times) * 1e3, 2), "compile_s": round(compile_s, 1),
+           "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+    if profile:
+        row.update(profile_breakdown(step))
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flavor", default="60m")
+    ap.add_argument("--micro", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--heads", nargs="+", default=["plain", "fused"], choices=["plain", "fused"])
+    ap.add_argument("--modes", nargs="+", default=["default"],
+                    help="torch.compile modes: default, max-autotune-no-cudagraphs, reduce-overhead, ...")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py needs a CUDA device")
+
+    rows = []
+    for mode in args.modes:
+        for micro in args.micro:
+            for head in args.heads:
+                try:
+                    row = run_variant(args.flavor, micro, head, mode, args.seq, args.steps, args.profile)
+                except Exception as e:  # recorded, and the other variants still run (e.g. out of memory)
+                    torch.cuda.empty_cache()
+                    row = {"flavor": args.flavor, "micro": micro, "head": head, "mode": mode,
+                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                torch.cuda.empty_cache()  # the variant's model is gone with its frame
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    print(f"\n{'flavor':6} {'micro':>5} {'head':6} {'mode':26} {'tok/s':>10} {'MFU':>5} {'peak GB':>7} {'busy':>5}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['flavor']:6} {r['micro']:5} {r['head']:6} {r['mode']:26} failed: {r['error'][:60]}")
+            continue
+        print(f"{r['flavor']:6} {r['micro']:5} {r['head']:6} {r['mode']:26} {r['tok_s']:10,} {r['mfu']:5.0%} "
+              f"{r['peak_gb']:7.1f} {r.get('gpu_busy', float('nan')):5.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
