@@ -56,10 +56,11 @@ def _loss_and_grads(loss_model, model, input_ids, labels):
 
 
 def test_fused_cross_entropy_matches_the_plain_loss_and_gradients():
-    # liger-kernel's Triton kernels, run on CPU through Triton's interpreter (tests/conftest.py)
+    # liger-kernel's Triton kernels: on the GPU, or on CPU through Triton's interpreter (tests/conftest.py)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = build_model(llama_config("micro"), dtype=torch.float32)
-    input_ids = torch.randint(0, 128, (3, 40))
+    model = build_model(llama_config("micro"), dtype=torch.float32, device=device)
+    input_ids = torch.randint(0, 128, (3, 40), device=device)
     labels = input_ids.clone()
     labels[0, 25:] = -100  # right padding is ignored
     labels[2, :7] = -100
