@@ -126,6 +126,12 @@ if triton is not None:
         return tl.load(addrs + t).to(tl.pointer_type(DTYPE))
 
     @triton.jit
+    def _load(addrs, t, offsets, mask, DTYPE: tl.constexpr):
+        """Tensor t's pointer (from a table of addresses) and its values at `offsets`, in fp32."""
+        ptr = _pointer(addrs, t, DTYPE)
+        return ptr, tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _element_block(block_tensor, block_start, numel_of, BLOCK: tl.constexpr):
         """The element-wise kernels' program: its tensor, element offsets and mask."""
         t = tl.load(block_tensor + tl.program_id(0))
@@ -138,13 +144,11 @@ if triton is not None:
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         rows = tl.load(block_row + pid) + tl.arange(0, ROWS)
-        p_ptr = _pointer(p_addrs, t, DTYPE)
-        d_ptr = _pointer(d_addrs, t, DTYPE)
         cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < tl.load(rows_of + t)) & (cols[None, :] < n_cols)
         offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        d = tl.load(d_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # issued before the reduction waits
+        _, d = _load(d_addrs, t, offsets, mask, DTYPE)
+        p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)  # issued before the reduction waits
         # as the eager code: the row norm and the RMS are tensors of the parameter dtype, floored at 1e-8
         norm = _round(tl.sqrt(tl.sum(d * d, axis=1)), DTYPE).to(tl.float32)
         rms = tl.maximum(_round(norm / sqrt_cols, DTYPE).to(tl.float32), 1e-8)
@@ -156,10 +160,8 @@ if triton is not None:
     def _lerp_sumsq_kernel(m_addrs, g_addrs, partials, block_tensor, block_start, numel_of, weight,
                            DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
-        m_ptr = _pointer(m_addrs, t, DTYPE)
-        g_ptr = _pointer(g_addrs, t, DTYPE)
-        m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
+        _, g = _load(g_addrs, t, offsets, mask, DTYPE)
         # torch.lerp's two-sided formula
         m = _round(tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight)), DTYPE)
         tl.store(m_ptr + offsets, m, mask=mask)
@@ -182,25 +184,20 @@ if triton is not None:
     def _scaled_sub_kernel(p_addrs, u_addrs, factors, block_tensor, block_start, numel_of, lr,
                            DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
-        p_ptr = _pointer(p_addrs, t, DTYPE)
-        u_ptr = _pointer(u_addrs, t, DTYPE)
         factor = _round(tl.load(factors + t), DTYPE).to(tl.float32)  # eager: the factor in the parameter dtype
-        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)
+        _, u = _load(u_addrs, t, offsets, mask, DTYPE)
         tl.store(p_ptr + offsets, _round(p + (-lr) * u * factor, DTYPE), mask=mask)
 
     @triton.jit
     def _ema_momentum_kernel(m_addrs, prev_addrs, p_addrs, block_tensor, block_start, numel_of, gamma,
                              DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
-        m_ptr = _pointer(m_addrs, t, DTYPE)
-        prev_ptr = _pointer(prev_addrs, t, DTYPE)
-        p_ptr = _pointer(p_addrs, t, DTYPE)
-        p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
-        step = p.to(tl.float32) - tl.load(prev_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(m_ptr + offsets, _round(gamma * m + (1.0 - gamma) * step, DTYPE), mask=mask)
-        tl.store(prev_ptr + offsets, p, mask=mask)
+        _, p = _load(p_addrs, t, offsets, mask, DTYPE)
+        prev_ptr, prev = _load(prev_addrs, t, offsets, mask, DTYPE)
+        m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
+        tl.store(m_ptr + offsets, _round(gamma * m + (1.0 - gamma) * (p - prev), DTYPE), mask=mask)
+        tl.store(prev_ptr + offsets, p.to(DTYPE), mask=mask)  # exact: p was a DTYPE value
 
 
 def _elementwise_launch(tensors: list[torch.Tensor]):
