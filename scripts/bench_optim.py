@@ -2,7 +2,10 @@
 
 For each optimizer: median step time (CUDA events), state bytes, the ratio to torch's fused AdamW
 measured in the same run, and the fraction of the HBM floor: the bytes the step must move divided by
-the device-to-device copy bandwidth measured in this run.
+the device-to-device copy bandwidth measured in this run. Two times per step: "step" is the step in
+isolation (the GPU waits for the host's launches, as a loop that syncs before each step would), and
+"device" the GPU's own time with the host ahead (the GPU kept busy while the host queues the step, as in
+training, where the host runs ahead of the backward pass). The floor fraction is of the device time.
 
 SCALE, SGD-LL and EMA-Nesterov run their Triton kernels (llmopt/optim/kernels.py) on CUDA; the
 "_eager" cases are the same optimizers with fused=False, measured in the same run.
@@ -56,8 +59,12 @@ def copy_bandwidth(device, nbytes=2 << 30) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
-def time_steps(opt, params, steps=15, warmup=3, cuda=True) -> float:
-    """Median seconds per optimizer step (pre_forward included for a lookahead wrapper)."""
+HOST_AHEAD_CYCLES = 200_000_000  # ~0.1 s of GPU sleep before each timed step: longer than any step's host work
+
+
+def time_steps(opt, steps=15, warmup=3, cuda=True, host_ahead=False) -> float:
+    """Median seconds per optimizer step (pre_forward included for a lookahead wrapper); host_ahead: the
+    GPU's time alone (it sleeps while the host queues the step)."""
     def one():
         if hasattr(opt, "pre_forward"):
             opt.pre_forward()
@@ -74,6 +81,8 @@ def time_steps(opt, params, steps=15, warmup=3, cuda=True) -> float:
             times.append(time.perf_counter() - t0)
             continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if host_ahead:
+            torch.cuda._sleep(HOST_AHEAD_CYCLES)
         start.record()
         one()
         end.record()
@@ -114,7 +123,7 @@ def print_profile(case: str, dtype_name: str, opt) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        time_steps(opt, None, steps=3, warmup=0, cuda=torch.cuda.is_available())
+        time_steps(opt, steps=3, warmup=0, cuda=torch.cuda.is_available())
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"--- profile: {case} {dtype_name} (3 steps)")
     print(prof.key_averages().table(sort_by=sort, row_limit=10, max_name_column_width=60))
@@ -149,7 +158,8 @@ def main(argv=None) -> int:
             opt = build_optimizer(model, name, lookahead=lookahead, **hparams)
             params = list(model.parameters())
             t0 = time.perf_counter()
-            seconds = time_steps(opt, params, steps=args.steps, cuda=cuda)
+            seconds = time_steps(opt, steps=args.steps, cuda=cuda)
+            device_seconds = time_steps(opt, steps=args.steps, cuda=cuda, host_ahead=True) if cuda else None
             if args.profile:
                 print_profile(case, dtype_name, opt)
             n = sum(p.numel() for p in params)
@@ -157,7 +167,8 @@ def main(argv=None) -> int:
             floor = floor_bytes(case, n, model.lm_head.weight.numel(), b)
             if case.startswith("ema_nesterov"):
                 floor = 8 * n * b  # the wrapper's own work, reported against its base below
-            row = {"case": case, "dtype": dtype_name, "step_ms": seconds * 1e3, "state_gb": state_bytes(opt) / 1e9,
+            row = {"case": case, "dtype": dtype_name, "step_ms": seconds * 1e3,
+                   "device_ms": device_seconds * 1e3 if device_seconds else None, "state_gb": state_bytes(opt) / 1e9,
                    "floor_ms": floor / bandwidth * 1e3 if floor and bandwidth else None,
                    "wall_s": time.perf_counter() - t0}
             rows.append(row)
@@ -169,26 +180,28 @@ def main(argv=None) -> int:
     for r in rows:
         base = by.get(("adamw_fused", r["dtype"]))
         r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base else None
+        r["device_x_fused_adamw"] = r["device_ms"] / base["device_ms"] if base and r["device_ms"] else None
         old_muon = by.get(("muon_torch_old", r["dtype"]))
         r["x_torch_muon"] = r["step_ms"] / old_muon["step_ms"] if old_muon and r["case"] == "muon" else None
-        own = r["step_ms"]
+        own = r["device_ms"] or r["step_ms"]
         if r["case"].startswith("ema_nesterov") and base:
-            own = r["step_ms"] - base["step_ms"]
+            own -= base["device_ms"] or base["step_ms"]
             r["own_ms"] = own
         r["floor_fraction"] = r["floor_ms"] / own if r["floor_ms"] and own > 0 else None
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
             "flavor": args.flavor, "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None,
             "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
-    print(f"{'case':28} {'dtype':5} {'step ms':>9} {'x fusedAdamW':>12} {'x torchMuon':>11} {'floor ms':>9} "
-          f"{'of floor':>8} {'state GB':>9}")
+    print(f"{'case':28} {'dtype':5} {'step ms':>9} {'device ms':>9} {'x fusedAdamW':>12} {'(device)':>8} "
+          f"{'x torchMuon':>11} {'floor ms':>9} {'of floor':>8} {'state GB':>9}")
+
+    def fmt(value, spec):
+        return format(value, spec) if value else "-"
     for r in rows:
-        fl = f"{r['floor_ms']:.2f}" if r["floor_ms"] else "-"
-        frac = f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-"
-        xf = f"{r['x_fused_adamw']:.2f}" if r["x_fused_adamw"] else "-"
-        xm = f"{r['x_torch_muon']:.2f}" if r["x_torch_muon"] else "-"
-        print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {xf:>12} {xm:>11} {fl:>9} "
-              f"{frac:>8} {r['state_gb']:9.2f}")
+        print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {fmt(r['device_ms'], '9.2f'):>9} "
+              f"{fmt(r['x_fused_adamw'], '.2f'):>12} {fmt(r['device_x_fused_adamw'], '.2f'):>8} "
+              f"{fmt(r['x_torch_muon'], '.3f'):>11} {fmt(r['floor_ms'], '.2f'):>9} "
+              f"{fmt(r['floor_fraction'], '.0%'):>8} {r['state_gb']:9.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

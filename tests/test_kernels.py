@@ -6,7 +6,8 @@ TRITON_INTERPRET=1 there); with CUDA every test also runs on the GPU. Three laye
     eager code's rounding (bf16 tensors: within one unit in the last place);
   - SCALE, SGD-LL and EMA-Nesterov with fused=True against the float64 references of
     test_optim_reference.py over several steps (parameters and state), fed identical gradients;
-  - fused=True against fused=False on bf16 parameters, and the errors of fused=True where it cannot run.
+  - fused=True against fused=False on bf16 parameters, and the errors of fused=True where it cannot run;
+  - Muon's kernels against torch's own operations bit for bit (the stack Newton-Schulz starts from).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from llmopt.model import build_model, llama_config
 from llmopt.optim import kernels
 from llmopt.optim.ema_nesterov import EMANesterov
+from llmopt.optim.muon import BatchedMuon, MuonWithAdamW, padded_stack
 from llmopt.optim.scale import SCALE
 from llmopt.optim.sgd_ll import SGDLL
 from tests.test_optim_reference import (
@@ -150,6 +152,24 @@ def test_scaled_sub(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 37), (9, 4100)])  # several rows per program; one long row each
+def test_row_lerp_sumsq_and_row_scaled_sub(device, dtype, shape):
+    """SGD-LL's output layer: the momentum update with each row's sum of squares, then
+    p <- p - lr * f * round(m * row_factor) as the eager `m * factor.to(m.dtype)` and `addcmul_`."""
+    (momentum,), (grad,), (param,) = (tensors([shape], dtype, device, seed) for seed in (20, 21, 22))
+    eager_m = momentum.clone().lerp_(grad, 0.1)
+    row_sq = kernels.row_lerp_sumsq_(momentum, grad, 0.1)
+    within_ulps(momentum.cpu(), eager_m.cpu(), "momentum", floor=1.0 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(row_sq.double().cpu(), momentum.double().pow(2).sum(dim=1).cpu(), rtol=1e-5, atol=0)
+    row_factors = torch.linspace(0.25, 1.0, shape[0], device=device).to(dtype)
+    factors = torch.tensor([0.5], device=device)
+    eager_p = param.clone().addcmul_(momentum * row_factors[:, None], factors.to(dtype), value=-0.5)
+    kernels.scaled_sub_([param], [momentum], factors, lr=0.5, row_factors=[row_factors])
+    within_ulps(param.cpu(), eager_p.cpu(), "param", floor=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gamma", [0.9, 0.0])
 def test_ema_momentum(device, gamma):
     momenta = tensors(FLAT_SHAPES, torch.float32, device, 12)
@@ -189,11 +209,69 @@ def compare(model_params, ref_params, what, tol=2e-5):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("momentum_on,weight_decay", [("output", 0.0), ("all", 0.1)])
-def test_scale_fused_matches_reference(device, momentum_on, weight_decay):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("shape", [(20, 37), (37, 20)])  # the long side padded: columns, or rows
+def test_muon_stack_matches_torch(device, dtype, nesterov, shape, monkeypatch):
+    """m <- lerp(m, g, 1 - mu) and the bf16 update in the stack's windows as torch.optim.Muon's
+    `buf.lerp_(grad, 1 - mu)`, `grad.lerp(buf, mu)` and `.bfloat16()` (within one unit in the last place:
+    a backend may fuse lerp's multiply-add); the padding untouched; the sums of squares those of the bf16
+    updates; the division bit for bit torch's bf16 `x / norm.clamp(min=eps)`."""
+    monkeypatch.setattr(kernels, "ELEMENTS_PER_PROGRAM", 64)  # several blocks per matrix, a partial last one
+    momenta = tensors([shape] * 3, dtype, device, 30)
+    grads = tensors([shape] * 3, dtype, device, 31)
+    eager = [m.clone() for m in momenta]
+    torch._foreach_lerp_(eager, grads, 1 - 0.95)
+    updates = [g.lerp(m, 0.95) if nesterov else m for g, m in zip(grads, eager)]
+    stack, _ = padded_stack(shape, 3, torch.device(device), pad_multiple=64)
+    sums = kernels.muon_stack_(momenta, grads, stack, 0.95, nesterov)
+    for i, (m, e) in enumerate(zip(momenta, eager)):
+        within_ulps(m.cpu(), e.cpu(), f"momentum {i}", floor=1.0 if dtype == torch.float32 else 1e-2)
+    window = stack[:, :shape[0], :shape[1]]
+    within_ulps(window.cpu(), torch.stack(updates).bfloat16().cpu(), "stack", floor=1e-2)
+    assert torch.count_nonzero(stack) == torch.count_nonzero(window)  # the padding stays zero
+    expected = window.double().pow(2).sum(dim=(1, 2))
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
+    norms = window.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    expected_stack = stack / norms
+    kernels.divide_stack_(stack, norms.float().flatten())
+    assert torch.equal(stack, expected_stack)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_muon_fused_equals_foreach(device, dtype):
+    """BatchedMuon with its kernels against its foreach path, 3 steps: the momentum buffers and the
+    parameters within a few units in the last place (lerp's rounding may differ by one unit per step)."""
+    shapes = [(24, 16), (24, 16), (16, 40), (20, 20)]
+
+    def run(fused):
+        params = [torch.nn.Parameter(t) for t in tensors(shapes, dtype, device, 32, scale=0.1)]
+        opt = BatchedMuon(params, lr=0.02, momentum=0.9, weight_decay=0.1, fused=fused)
+        for t in range(3):
+            for p, g in zip(params, tensors(shapes, dtype, device, 40 + t)):
+                p.grad = g
+            opt.step()
+        return params, [opt.state[p]["momentum_buffer"] for p in params]
+
+    (fast, fast_bufs), (slow, slow_bufs) = run(True), run(False)
+    start = tensors(shapes, dtype, device, 32, scale=0.1)
+    for p, q, b, c, s0 in zip(fast, slow, fast_bufs, slow_bufs, start):
+        within_ulps(b.cpu(), c.cpu(), f"buffer {tuple(b.shape)}", ulps=3, floor=c.abs().max().item() / 2)
+        moved = (q.detach().double() - s0.double()).abs().max().item()
+        assert moved > 1e-3
+        within_ulps(p.detach().cpu(), q.detach().cpu(), f"{tuple(p.shape)}", ulps=4, floor=moved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum_on,weight_decay,normalization",
+                         [("output", 0.0, "column"), ("all", 0.1, "column"), ("output", 0.1, "row")])
+def test_scale_fused_matches_reference(device, momentum_on, weight_decay, normalization):
+    """Every kernel path of SCALE: rows (with the lm_head's momentum in the same pass, or every matrix's),
+    the embedding's columns, and with "row" normalization the matrices' columns and the embedding's rows."""
     model, ref, params, ref_params = fp32_model_and_reference(device)
     hp = dict(lr=3e-3, momentum=0.8, adam_lr=2e-2, adam_betas=(0.9, 0.99), adam_eps=1e-8,
-              weight_decay=weight_decay, normalization="column", momentum_on=momentum_on)
+              weight_decay=weight_decay, normalization=normalization, momentum_on=momentum_on)
     opt = SCALE(role_groups(model), fused=True, **hp)
     ref_opt = RefSCALE(role_of_names(ref), **hp)
     peaks = [g["lr"] for g in opt.param_groups]
@@ -240,6 +318,8 @@ def test_sgd_ll_fused_matches_reference(device, clip):
                 assert state["rms_clip_count"].item() == ref_state["rms_clip_count"], f"step {t}: count of {n}"
                 if ref_state["rms_clipped"]:
                     fired.add(n)
+            if "row_clip_fraction" in ref_state:  # the output layer's row clip, from the kernel's row sums
+                assert state["row_clip_fraction"].item() == pytest.approx(ref_state["row_clip_fraction"], abs=1e-6)
     if clip == "mixed":
         assert 0 < len(fired) < len(params), f"the RMS clip should fire on some tensors only, fired on {fired}"
 
@@ -321,6 +401,12 @@ def test_fused_true_refuses_where_the_kernels_cannot_run(monkeypatch):
     lookahead.pre_forward()
     with pytest.raises(RuntimeError, match="EMANesterov: fused=True.*triton is not installed"):
         lookahead.step()
+    matrices = [torch.nn.Parameter(torch.ones(4, 3, dtype=torch.float64))]
+    matrices[0].grad = torch.ones_like(matrices[0])
+    with pytest.raises(RuntimeError, match="BatchedMuon: fused=True needs the Triton kernels"):
+        BatchedMuon(matrices, fused=True).step()
+    with pytest.raises(ValueError, match="fused=True needs batched=True"):
+        MuonWithAdamW([{"params": matrices}], [], batched=False, fused=True)
     # fused=None on the CPU is the eager path, without an error
     before = [p.detach().clone() for p in model.parameters()]
     SCALE(role_groups(model), fused=None).step()

@@ -6,10 +6,16 @@ scheme of apex and torch's foreach kernels). All arithmetic is in fp32; values a
 tensors' dtype where the eager code rounds them, so a kernel's result equals the eager one within one
 rounding of the last bit (tests/test_kernels.py).
 
-  row_normalized_update_   SCALE: p <- p * decay - lr * d / RMS_row(d), one pass (a row stays on chip)
+  row_normalized_update_   SCALE: p <- p * decay - lr * d / RMS_row(d), one pass (a row stays on chip); with
+                           momentum (lm_head) d <- lerp(d, g, w) in the same pass
+  column_normalized_update_ SCALE's embedding: p <- p * decay - lr * d / rms[column], rms given
   lerp_sumsq_              SGD-LL pass 1: m <- lerp(m, g, w) and sum(m^2) per tensor (deterministic)
-  scaled_sub_              SGD-LL pass 2: p <- p - lr * factor[i] * u_i, factor a device vector
+  scaled_sub_              SGD-LL pass 2: p <- p - lr * factor[i] * u_i, factor a device vector (u_i's rows
+                           optionally scaled first: the output layer's per-row clip)
+  row_lerp_sumsq_          SGD-LL pass 1 for the output layer: m <- lerp(m, g, w) and each row's sum(m^2)
   ema_momentum_            EMA-Nesterov: m <- gamma m + (1 - gamma)(p - prev); prev <- p, one pass
+  muon_stack_              Muon: m <- lerp(m, g, 1 - mu), the (Nesterov) update into a bf16 stack, its sum(u^2)
+  divide_stack_            Muon: each matrix of a bf16 stack divided by its own divisor (its norm)
 
 The kernels run on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter,
 how the tests check them without a GPU). `available(tensors)` says whether they can run.
@@ -31,7 +37,10 @@ except ImportError:  # CPU-only installs without triton: the optimizers use thei
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # launch shapes, measured on an H100 (scripts/bench_optim.py; benchmarks/RESULTS.md)
 ELEMENTS_PER_PROGRAM, ELEMENT_WARPS = 2048, 4      # element-wise kernels
-ROW_ELEMENTS_PER_PROGRAM, ROW_WARPS = 2048, 8      # row kernel: rows per program = this // padded row length
+# row kernel: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; ROW_WARPS for rows up to that
+# length (1B's 2048-wide rows: 4 warps reach 77% of the floor, 8 warps 71-74%); longer rows LONG_ROW_WARPS per
+# 2048 elements, at most 32 (1B's 5461-wide rows: 32 warps 66-72%, 16 warps 45%)
+ROW_ELEMENTS_PER_PROGRAM, ROW_WARPS, LONG_ROW_WARPS = 2048, 4, 8
 MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take the eager path
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 stays eager: the kernels add in fp32
 
@@ -44,8 +53,8 @@ def available(tensors: list[torch.Tensor]) -> bool:
     device = tensors[0].device
     if not (device.type == "cuda" or (device.type == "cpu" and INTERPRET)):
         return False
-    # per step, for every tensor of a group: kept to the cheapest checks (a set of dtypes, of devices)
-    return ({t.dtype for t in tensors} <= set(_TRITON_DTYPES) and {t.device for t in tensors} == {device}
+    # per step, for every tensor of a group: kept to the cheapest checks (sets of dtypes and device indices)
+    return ({t.dtype for t in tensors} <= set(_TRITON_DTYPES) and len({t.get_device() for t in tensors}) == 1
             and all(t.is_contiguous() for t in tensors))
 
 
@@ -132,6 +141,20 @@ if triton is not None:
         return ptr, tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _lerp(start, end, weight):
+        """torch.lerp's two-sided formula, in fp32."""
+        return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+    @triton.jit
+    def _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE: tl.constexpr):
+        """m <- lerp(m, g, weight) at tensor t's `offsets`, stored; returns the new m and g in fp32."""
+        m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
+        _, g = _load(g_addrs, t, offsets, mask, DTYPE)
+        m = _round(_lerp(m, g, weight), DTYPE)
+        tl.store(m_ptr + offsets, m, mask=mask)
+        return m.to(tl.float32), g
+
+    @triton.jit
     def _element_block(block_tensor, block_start, numel_of, BLOCK: tl.constexpr):
         """The element-wise kernels' program: its tensor, element offsets and mask."""
         t = tl.load(block_tensor + tl.program_id(0))
@@ -139,15 +162,19 @@ if triton is not None:
         return t, offsets, offsets < tl.load(numel_of + t)
 
     @triton.jit
-    def _row_update_kernel(p_addrs, d_addrs, block_tensor, block_row, rows_of, n_cols, lr, decay, sqrt_cols,
-                           DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr):
+    def _row_update_kernel(p_addrs, d_addrs, g_addrs, block_tensor, block_row, rows_of, n_cols, lr, decay,
+                           sqrt_cols, weight, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                           DECAY: tl.constexpr, MOMENTUM: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
         rows = tl.load(block_row + pid) + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < tl.load(rows_of + t)) & (cols[None, :] < n_cols)
         offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        _, d = _load(d_addrs, t, offsets, mask, DTYPE)
+        if MOMENTUM:  # d is a momentum buffer: d <- lerp(d, g, weight) first
+            d, _ = _momentum_update(d_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
+        else:
+            _, d = _load(d_addrs, t, offsets, mask, DTYPE)
         p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)  # issued before the reduction waits
         # as the eager code: the row norm and the RMS are tensors of the parameter dtype, floored at 1e-8
         norm = _round(tl.sqrt(tl.sum(d * d, axis=1)), DTYPE).to(tl.float32)
@@ -157,15 +184,22 @@ if triton is not None:
         tl.store(p_ptr + offsets, _round(p + (-lr) * (d / rms[:, None]), DTYPE), mask=mask)
 
     @triton.jit
+    def _column_update_kernel(p, d, rms, n_cols, total, lr, decay, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                              DECAY: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < total
+        x = tl.load(p + offsets, mask=mask, other=0.0).to(tl.float32)
+        direction = tl.load(d + offsets, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(rms + offsets % n_cols, mask=mask, other=1.0).to(tl.float32)
+        if DECAY:
+            x = _round(x * decay, DTYPE).to(tl.float32)
+        tl.store(p + offsets, _round(x + (-lr) * (direction / scale), DTYPE), mask=mask)
+
+    @triton.jit
     def _lerp_sumsq_kernel(m_addrs, g_addrs, partials, block_tensor, block_start, numel_of, weight,
                            DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
-        m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
-        _, g = _load(g_addrs, t, offsets, mask, DTYPE)
-        # torch.lerp's two-sided formula
-        m = _round(tl.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1.0 - weight)), DTYPE)
-        tl.store(m_ptr + offsets, m, mask=mask)
-        m = m.to(tl.float32)
+        m, _ = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
         tl.store(partials + tl.program_id(0), tl.sum(m * m, axis=0))
 
     @triton.jit
@@ -181,13 +215,26 @@ if triton is not None:
         tl.store(out + t, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _scaled_sub_kernel(p_addrs, u_addrs, factors, block_tensor, block_start, numel_of, lr,
-                           DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    def _scaled_sub_kernel(p_addrs, u_addrs, factors, row_factors, n_cols, block_tensor, block_start, numel_of,
+                           lr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROW_FACTORS: tl.constexpr):
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
         factor = _round(tl.load(factors + t), DTYPE).to(tl.float32)  # eager: the factor in the parameter dtype
         p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)
         _, u = _load(u_addrs, t, offsets, mask, DTYPE)
+        if ROW_FACTORS:  # one tensor; u is its rows scaled first, rounded as the eager m * row_factor
+            u = _round(u * tl.load(row_factors + offsets // n_cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+            u = u.to(tl.float32)
         tl.store(p_ptr + offsets, _round(p + (-lr) * u * factor, DTYPE), mask=mask)
+
+    @triton.jit
+    def _row_lerp_sumsq_kernel(m_addrs, g_addrs, row_sq, n_rows, n_cols, weight, DTYPE: tl.constexpr,
+                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        m, _ = _momentum_update(m_addrs, g_addrs, 0, offsets, mask, weight, DTYPE)
+        tl.store(row_sq + rows, tl.sum(m * m, axis=1), mask=rows < n_rows)
 
     @triton.jit
     def _ema_momentum_kernel(m_addrs, prev_addrs, p_addrs, block_tensor, block_start, numel_of, gamma,
@@ -199,6 +246,28 @@ if triton is not None:
         tl.store(m_ptr + offsets, _round(gamma * m + (1.0 - gamma) * (p - prev), DTYPE), mask=mask)
         tl.store(prev_ptr + offsets, p.to(DTYPE), mask=mask)  # exact: p was a DTYPE value
 
+    @triton.jit
+    def _muon_stack_kernel(m_addrs, g_addrs, stack, partials, block_tensor, block_start, numel_of, cols,
+                           matrix_stride, row_stride, weight, momentum, DTYPE: tl.constexpr,
+                           NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+        t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
+        u, g = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
+        if NESTEROV:
+            u = _round(_lerp(g, u, momentum), DTYPE).to(tl.float32)
+        u = _round(u, tl.bfloat16)  # torch: the update in p's dtype, then .bfloat16()
+        window = t.to(tl.int64) * matrix_stride + (offsets // cols) * row_stride + offsets % cols
+        tl.store(stack + window, u, mask=mask)
+        u = u.to(tl.float32)
+        tl.store(partials + tl.program_id(0), tl.sum(u * u, axis=0))
+
+    @triton.jit
+    def _divide_stack_kernel(stack, divisors, matrix_numel, total, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < total
+        x = tl.load(stack + offsets, mask=mask, other=0.0).to(tl.float32)
+        divisor = tl.load(divisors + offsets // matrix_numel, mask=mask, other=1.0)
+        tl.store(stack + offsets, _round(tl.math.div_rn(x, divisor), tl.bfloat16), mask=mask)
+
 
 def _elementwise_launch(tensors: list[torch.Tensor]):
     """Grid and tables for an element-wise kernel over `tensors` (one dtype)."""
@@ -208,25 +277,52 @@ def _elementwise_launch(tensors: list[torch.Tensor]):
     return (len(tensor),), tensor, start, first, counts, numel
 
 
+def _row_launch(n_cols: int) -> tuple[int, int, int]:
+    """The row kernels' tile for rows of n_cols: padded row length, rows per program, warps."""
+    block = triton.next_power_of_2(n_cols)
+    rows_per_program = max(1, ROW_ELEMENTS_PER_PROGRAM // block)
+    warps = ROW_WARPS if block <= ROW_ELEMENTS_PER_PROGRAM else min(32, LONG_ROW_WARPS * block // 2048)
+    return block, rows_per_program, warps
+
+
+def _segment_sums(partials: torch.Tensor, first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each tensor's sum of its blocks' partial sums (fp32), in a fixed order."""
+    out = torch.empty(len(counts), dtype=torch.float32, device=partials.device)
+    _segment_sum_kernel[(len(counts),)](partials, first, counts, out, BLOCK=1024, num_warps=4)
+    return out
+
+
 def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Tensor], lr: float,
-                           decay: float = 1.0) -> None:
+                           decay: float = 1.0, grads: list[torch.Tensor] | None = None, weight: float = 0.0) -> None:
     """p <- p * decay - lr * d / max(RMS(d row), 1e-8) for 2-D tensors, every row normalized over its
-    columns (SCALE's "column" normalization of an nn.Linear weight). Rows must be at most MAX_ROW long."""
-    for dtype, (ps, ds), _ in _by_dtype(params, directions):
+    columns (SCALE's "column" normalization of an nn.Linear weight). With `grads`, the directions are
+    momentum buffers, first updated in the same pass: d <- lerp(d, g, weight). Rows must be at most
+    MAX_ROW long."""
+    momentum = grads is not None
+    for dtype, (ps, ds, gs), _ in _by_dtype(params, directions, grads if momentum else directions):
         by_cols: dict[int, list[int]] = {}
         for i, p in enumerate(ps):
             by_cols.setdefault(p.size(1), []).append(i)
         for n_cols, idx in by_cols.items():
-            block = triton.next_power_of_2(n_cols)
-            rows_per_program = max(1, ROW_ELEMENTS_PER_PROGRAM // block)
+            block, rows_per_program, warps = _row_launch(n_cols)
             group_p, group_d = [ps[i] for i in idx], [ds[i] for i in idx]
             tensor, row, _, _ = _block_table(tuple(p.size(0) for p in group_p), rows_per_program, group_p[0].device)
             rows_of = device_tensor(tuple(p.size(0) for p in group_p), torch.int32, tensor.device)
+            d_addrs = _addresses(group_d)
             _row_update_kernel[(len(tensor),)](
-                _addresses(group_p), _addresses(group_d), tensor, row, rows_of, n_cols, lr, decay,
-                float(n_cols) ** 0.5, DTYPE=_triton_dtype(dtype), ROWS=rows_per_program, BLOCK=block,
-                DECAY=decay != 1.0,
-                num_warps=min(32, ROW_WARPS * max(1, block * rows_per_program // ROW_ELEMENTS_PER_PROGRAM)))
+                _addresses(group_p), d_addrs, _addresses([gs[i] for i in idx]) if momentum else d_addrs, tensor,
+                row, rows_of, n_cols, lr, decay, float(n_cols) ** 0.5, weight, DTYPE=_triton_dtype(dtype),
+                ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0, MOMENTUM=momentum, num_warps=warps)
+
+
+def column_normalized_update_(param: torch.Tensor, direction: torch.Tensor, rms: torch.Tensor, lr: float,
+                              decay: float = 1.0) -> None:
+    """p <- p * decay - lr * d / rms[column] for one contiguous 2-D tensor and its per-column scales `rms`
+    (SCALE's embedding: its output units are columns), rounded as the eager mul_ and addcdiv_."""
+    total = param.numel()
+    _column_update_kernel[(triton.cdiv(total, ELEMENTS_PER_PROGRAM),)](
+        param, direction, rms.contiguous(), param.size(1), total, lr, decay, DTYPE=_triton_dtype(param.dtype),
+        BLOCK=ELEMENTS_PER_PROGRAM, DECAY=decay != 1.0, num_warps=ELEMENT_WARPS)
 
 
 def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: float) -> torch.Tensor:
@@ -237,8 +333,7 @@ def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: 
         partials = torch.empty(grid[0], dtype=torch.float32, device=ms[0].device)
         _lerp_sumsq_kernel[grid](_addresses(ms), _addresses(gs), partials, tensor, start, numel, weight,
                                  DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)
-        out = torch.empty(len(ms), dtype=torch.float32, device=ms[0].device)
-        _segment_sum_kernel[(len(ms),)](partials, first, counts, out, BLOCK=1024, num_warps=4)
+        out = _segment_sums(partials, first, counts)
         if len(idx) == len(momenta):
             return out
         if sums is None:  # several dtypes: gather each one's sums into list order
@@ -248,15 +343,36 @@ def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: 
 
 
 def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors: torch.Tensor,
-                lr: float) -> None:
-    """p_i <- p_i - lr * factors[i] * u_i for every i; `factors` a device vector (fp32)."""
+                lr: float, row_factors: list[torch.Tensor] | None = None) -> None:
+    """p_i <- p_i - lr * factors[i] * u_i for every i; `factors` a device vector (fp32). With `row_factors`
+    (per tensor a [rows] vector in its dtype), u_i is first its rows scaled, round(u_i[r] * row_factors[i][r])."""
+    if row_factors is not None:  # one launch per tensor (SGD-LL's output layer: usually one)
+        for i, (p, u, rf) in enumerate(zip(params, updates, row_factors)):
+            grid, tensor, start, _, _, numel = _elementwise_launch([p])
+            _scaled_sub_kernel[grid](_addresses([p]), _addresses([u]), factors[i:i + 1].float(), rf.contiguous(),
+                                     p.size(1), tensor, start, numel, lr, DTYPE=_triton_dtype(p.dtype),
+                                     BLOCK=ELEMENTS_PER_PROGRAM, ROW_FACTORS=True, num_warps=ELEMENT_WARPS)
+        return
     for dtype, (ps, us), idx in _by_dtype(params, updates):
         grid, tensor, start, _, _, numel = _elementwise_launch(ps)
         group_factors = factors if len(idx) == len(params) else factors[device_tensor(tuple(idx), torch.int64,
                                                                                       factors.device)]
         group_factors = group_factors.float().contiguous()
-        _scaled_sub_kernel[grid](_addresses(ps), _addresses(us), group_factors, tensor, start, numel, lr,
-                                 DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)
+        _scaled_sub_kernel[grid](_addresses(ps), _addresses(us), group_factors, group_factors, 1, tensor, start,
+                                 numel, lr, DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
+                                 ROW_FACTORS=False, num_warps=ELEMENT_WARPS)
+
+
+def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -> torch.Tensor:
+    """m <- lerp(m, g, weight) for one 2-D tensor (rows at most MAX_ROW long); returns each row's sum of
+    squares of the new m (fp32, [rows])."""
+    n_rows, n_cols = momentum.shape
+    block, rows_per_program, warps = _row_launch(n_cols)
+    row_sq = torch.empty(n_rows, dtype=torch.float32, device=momentum.device)
+    _row_lerp_sumsq_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        _addresses([momentum]), _addresses([grad]), row_sq, n_rows, n_cols, weight,
+        DTYPE=_triton_dtype(momentum.dtype), ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+    return row_sq
 
 
 def ema_momentum_(momenta: list[torch.Tensor], prev: list[torch.Tensor], params: list[torch.Tensor],
@@ -267,3 +383,26 @@ def ema_momentum_(momenta: list[torch.Tensor], prev: list[torch.Tensor], params:
         _ema_momentum_kernel[grid](_addresses(ms), _addresses(prevs), _addresses(ps), tensor, start, numel,
                                    gamma, DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
                                    num_warps=ELEMENT_WARPS)
+
+
+def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: torch.Tensor, momentum: float,
+                nesterov: bool) -> torch.Tensor:
+    """Muon's element-wise work for n same-shape, same-dtype matrices in one pass: m <- lerp(m, g, 1 - momentum)
+    in place, and the update u = lerp(g, m, momentum) (nesterov) or m, rounded to bf16, into the window
+    stack[i, :rows, :cols] of a bf16 stack [n, R >= rows, C >= cols]. Returns each u's sum of squares (fp32)."""
+    rows, cols = momenta[0].shape
+    grid, tensor, start, first, counts, numel = _elementwise_launch(momenta)
+    partials = torch.empty(grid[0], dtype=torch.float32, device=stack.device)
+    _muon_stack_kernel[grid](_addresses(momenta), _addresses(grads), stack, partials, tensor, start, numel, cols,
+                             stack.stride(0), stack.stride(1), 1 - momentum, momentum,
+                             DTYPE=_triton_dtype(momenta[0].dtype), NESTEROV=nesterov, BLOCK=ELEMENTS_PER_PROGRAM,
+                             num_warps=ELEMENT_WARPS)
+    return _segment_sums(partials, first, counts)
+
+
+def divide_stack_(stack: torch.Tensor, divisors: torch.Tensor) -> None:
+    """stack[i] <- stack[i] / divisors[i] for a contiguous bf16 stack and fp32 divisors, rounded as torch's
+    bf16 division (correctly rounded fp32 quotient, then bf16)."""
+    total = stack.numel()
+    _divide_stack_kernel[(triton.cdiv(total, ELEMENTS_PER_PROGRAM),)](
+        stack, divisors, stack[0].numel(), total, BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)

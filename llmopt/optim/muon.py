@@ -11,8 +11,9 @@ adjust_lr: "original" scales the lr by sqrt(max(1, rows/cols)); "match_rms_adamw
 The matrix part is `BatchedMuon`: torch.optim.Muon's algorithm and state (one "momentum_buffer" per
 parameter, the same param-group keys, so state_dicts load either way), but each step runs
 Newton-Schulz once per (shape, dtype, device) group on the stacked matrices instead of once per
-matrix, and does the element-wise work with foreach ops. `MuonWithAdamW(..., batched=False)` falls
-back to torch.optim.Muon itself (`optimizer.batched=false` on the command line).
+matrix. On CUDA (`fused`: None = there, True = required, False = never) the momentum, the Nesterov update,
+the bf16 stack and its norms come from one Triton kernel pass (kernels.py), elsewhere from foreach ops.
+`MuonWithAdamW(..., batched=False)` falls back to torch.optim.Muon itself (`optimizer.batched=false`).
 
 One deliberate difference: with bf16 parameters and nesterov=False, torch.optim.Muon (up to at least
 torch 2.13) normalizes the momentum buffer in place (`grad.bfloat16()` returns the buffer itself,
@@ -27,6 +28,7 @@ from collections import defaultdict
 
 import torch
 
+from llmopt.optim import kernels
 from llmopt.optim.common import OptimizerWrapper, check_choice, check_nonnegative, check_unit_interval, evaluate_closure
 
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -43,29 +45,36 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
     return lr
 
 
-def newton_schulz_batched(x: torch.Tensor, coefficients, steps: int, eps: float, pad_multiple: int = 1) -> torch.Tensor:
-    """torch.optim.Muon's Newton-Schulz on a [n, rows, cols] bf16 stack: the same operations
-    (per-matrix Frobenius normalization clamped at eps, Gram matrix on the short side, addmm -> baddbmm),
-    so each matrix gets what torch computes for it alone.
+def padded_stack(shape: torch.Size, n: int, device: torch.device, pad_multiple: int = 1):
+    """An uninitialized bf16 stack for n matrices of `shape`, its long side zero-padded to a multiple of
+    `pad_multiple`, and the n [rows, cols] windows to fill. Zero rows or columns change no value of
+    Newton-Schulz (they add nothing to the Gram matrix or the norm and stay zero), but a long side such
+    as the 1B flavor's 5461 leaves bf16 rows unaligned and the GPU's matmul kernels several times slower."""
+    rows, cols = shape
+    padded = [rows, cols]
+    long_dim = 0 if rows > cols else 1
+    padded[long_dim] = -(-shape[long_dim] // pad_multiple) * pad_multiple
+    x = torch.empty((n, *padded), dtype=torch.bfloat16, device=device)
+    if padded[long_dim] != shape[long_dim]:
+        x.narrow(1 + long_dim, shape[long_dim], padded[long_dim] - shape[long_dim]).zero_()
+    return x, list(x[:, :rows, :cols].unbind(0))
 
-    pad_multiple > 1 zero-pads the long side to a multiple of it first. That changes no value (zero
-    columns add nothing to the Gram matrix or the norm and stay zero), but a long side such as the
-    1B flavor's 5461 leaves bf16 rows unaligned and the GPU's matmul kernels several times slower."""
+
+def newton_schulz_batched(x: torch.Tensor, coefficients, steps: int, eps: float | None) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz on a [n, rows, cols] bf16 stack: per-matrix Frobenius
+    normalization clamped at eps, then `steps` iterations of X <- a X + (b G + c G^2) X with the Gram
+    matrix G on the short side, so each matrix gets what torch computes for it alone, up to bf16
+    rounding. One difference in how, none in what: a tall stack is not transposed (no copy), its Gram
+    matrix is X^T X and the step X <- a X + X (b G + c G^2), torch's step on X^T transposed."""
     a, b, c = coefficients
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:  # iterate on the (short x long) side: the Gram matrix is the small one
-        x = x.mT
-    long = x.size(-1)
-    padded = -(-long // pad_multiple) * pad_multiple
-    if padded != long:
-        x = torch.nn.functional.pad(x, (0, padded - long))
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    tall = x.size(-2) > x.size(-1)
+    if eps is not None:  # None: the caller normalized the stack (kernels.divide_stack_)
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.mT
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, gram_update, x, beta=a)
-    x = x[..., :long]
-    return x.mT if transposed else x
+        gram = x.mT @ x if tall else x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x
 
 
 def _check_group(group: dict) -> None:
@@ -101,13 +110,15 @@ class BatchedMuon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None):
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 fused: bool | None = None):
         # the same keys as torch.optim.Muon's defaults: load_state_dict replaces a group by the saved
         # one, so an extra or missing key would not survive a round trip between the two
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
                     "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
                     "adjust_lr_fn": adjust_lr_fn}
         super().__init__(params, defaults)
+        self.fused = fused  # an attribute, not a group key: state_dicts stay torch.optim.Muon's
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -138,7 +149,6 @@ class BatchedMuon(torch.optim.Optimizer):
         if not params:
             return
 
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
         if weight_decay != 0:  # torch multiplies by 1.0 here; skipping it changes no bit
             # a CPU float64 0-dim tensor, not a Python float: CPU foreach rounds a Python scalar to a
             # bf16 p's dtype first (0.998 -> 0.9961) where p.mul_ keeps it in fp32; CUDA takes a CPU
@@ -148,18 +158,32 @@ class BatchedMuon(torch.optim.Optimizer):
         by_shape = defaultdict(list)
         for i, p in enumerate(params):
             by_shape[(p.shape, p.dtype, p.device)].append(i)
-        for (shape, dtype, _), idx in by_shape.items():
+        for (shape, _, device), idx in by_shape.items():
             g = [grads[i] for i in idx]
             b = [bufs[i] for i in idx]
-            # a fresh bf16 stack (torch also runs Newton-Schulz in bf16); never aliases the buffers
-            updates = torch._foreach_lerp(g, b, momentum) if group["nesterov"] else b
-            x = torch.stack(updates).bfloat16()
-            del updates
-            x = newton_schulz_batched(x, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                      pad_multiple=64 if x.is_cuda else 1)
-            # p += alpha * O with O upcast exactly to p's dtype: what torch's mixed-dtype add_ computes;
-            # contiguous slices keep foreach on its fused path
-            x = x.to(dtype=dtype, memory_format=torch.contiguous_format)
+            # the bf16 stack torch's Newton-Schulz would see (a fresh copy: never aliases the buffers); tensor
+            # subclasses (FSDP2's DTensor shards) are stacked as they are and gather in the matmuls
+            plain = type(g[0]) is torch.Tensor
+            if plain:
+                x, windows = padded_stack(shape, len(idx), device, pad_multiple=64 if device.type == "cuda" else 1)
+            if plain and kernels.use_kernels(self.fused, g + b, "BatchedMuon"):
+                # momentum, update and stack in one pass (with each update's sum of squares), then the
+                # normalization as torch: divided by the bf16 norm clamped at eps
+                sums = kernels.muon_stack_(b, g, x, momentum, group["nesterov"])
+                kernels.divide_stack_(x, sums.sqrt().bfloat16().clamp(min=group["eps"]).float())
+                x = newton_schulz_batched(x, group["ns_coefficients"], group["ns_steps"], eps=None)
+            else:
+                torch._foreach_lerp_(b, g, 1 - momentum)
+                updates = torch._foreach_lerp(g, b, momentum) if group["nesterov"] else b
+                if plain:
+                    torch._foreach_copy_(windows, updates)
+                else:
+                    x = torch.stack(updates).bfloat16()
+                del updates
+                x = newton_schulz_batched(x, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            if x.shape[1:] != shape:
+                x = x[:, :shape[0], :shape[1]]
+            # p += alpha * O, O in bf16: mixed dtypes compute in fp32 as torch's p.add_(O) does
             torch._foreach_add_([params[i] for i in idx], list(x.unbind(0)),
                                 alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
 
@@ -169,16 +193,19 @@ class MuonWithAdamW(OptimizerWrapper):
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.0, adjust_lr: str = "original", adam_lr: float = 1e-3,
                  adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8,
-                 adam_weight_decay: float = 0.0, batched: bool = True):
+                 adam_weight_decay: float = 0.0, batched: bool = True, fused: bool | None = None):
         check_nonnegative(lr=lr, adam_lr=adam_lr, weight_decay=weight_decay, adam_eps=adam_eps,
                           adam_weight_decay=adam_weight_decay)
         check_unit_interval(momentum=momentum, adam_beta1=adam_betas[0], adam_beta2=adam_betas[1])
         check_choice("adjust_lr", adjust_lr, ADJUST_LR)
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
-        muon_class = BatchedMuon if batched else torch.optim.Muon
-        self.muon = muon_class(matrix_groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                               nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr)
+        if fused and not batched:
+            raise ValueError("fused=True needs batched=True: torch.optim.Muon itself has no Triton kernels")
+        muon_args = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                         adjust_lr_fn=adjust_lr)
+        self.muon = BatchedMuon(matrix_groups, fused=fused, **muon_args) if batched else \
+            torch.optim.Muon(matrix_groups, **muon_args)
         self.adamw = torch.optim.AdamW(other_groups, lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps,
                                        weight_decay=adam_weight_decay)
         self.inner = [self.muon, self.adamw]

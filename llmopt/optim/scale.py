@@ -17,8 +17,9 @@ one learning rate means the same step size for all of them:
   spectral  Newton-Schulz U V^T (Muon's coefficients, 5 steps) times sqrt(max(rows, cols));
   none      g itself.
 `momentum_on` moves the momentum: "output" (SCALE), "all" (every matrix), "none".
-`fused`: the row normalization and the update in one Triton kernel launch per row length (kernels.py);
-None uses it on CUDA, True insists, False keeps the eager per-tensor loop.
+`fused`: the row normalization, the output layer's momentum and the update in one Triton kernel launch per
+row length, the embedding's update in one pass after its column RMS (kernels.py); None uses them on CUDA,
+True insists, False keeps the eager foreach and per-tensor code.
 
 The vector groups' lr is `adam_lr` (their own peak): a schedule that scales every group's initial
 lr gives them adam_lr * lr_t / lr_peak, as the authors' code does. State dtype = parameter dtype.
@@ -92,36 +93,52 @@ class SCALE(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
             if not params:
                 continue
             if group["role"] == "vector":
-                self._adamw(group, params)
+                self._adamw(group, params, grads)
                 continue
             lr, wd, kind = group["lr"], group["weight_decay"], group["normalization"]
+            decay = 1 - lr * wd
             transposed = group["role"] == "embedding"
-            directions = [p.grad for p in params]
-            if self._uses_momentum(group):
+            momentum = self._uses_momentum(group)
+            directions = grads
+            if momentum:
                 for p in params:
                     if "momentum_buffer" not in self.state[p]:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 directions = [self.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_lerp_(directions, [p.grad for p in params], 1 - group["momentum"])
-            if (kind in ("column", "row") and unit_dim(kind, transposed) == 1
-                    and all(p.size(1) <= kernels.MAX_ROW for p in params)
-                    and kernels.use_kernels(self.fused, params + directions, "SCALE")):
-                kernels.row_normalized_update_(params, directions, lr, decay=1 - lr * wd)
-                continue
+            dim = unit_dim(kind, transposed) if kind in ("column", "row") else None
+            if dim is not None and kernels.use_kernels(self.fused, params + grads + (directions if momentum else []),
+                                                       "SCALE"):
+                if dim == 1 and all(p.size(1) <= kernels.MAX_ROW for p in params):
+                    # one pass per row: the momentum (if any), the row RMS and the update
+                    kernels.row_normalized_update_(params, directions, lr, decay=decay,
+                                                   grads=grads if momentum else None, weight=1 - group["momentum"])
+                    continue
+                if dim == 0:  # the embedding: the column RMS (one reduction), then the update in one pass
+                    if momentum:
+                        torch._foreach_lerp_(directions, grads, 1 - group["momentum"])
+                    for p, direction in zip(params, directions):
+                        kernels.column_normalized_update_(p, direction, rms_scale(direction, 0), lr, decay=decay)
+                    continue
+            if momentum:
+                torch._foreach_lerp_(directions, grads, 1 - group["momentum"])
             for p, direction in zip(params, directions):
                 if wd:
-                    p.mul_(1 - lr * wd)
-                if kind in ("column", "row"):  # fused: the normalized direction is never materialized
-                    p.addcdiv_(direction, rms_scale(direction, unit_dim(kind, transposed)), value=-lr)
+                    p.mul_(decay)
+                if dim is not None:  # fused: the normalized direction is never materialized
+                    p.addcdiv_(direction, rms_scale(direction, dim), value=-lr)
                 else:
                     p.add_(normalize(direction, kind, transposed), alpha=-lr)
         return loss
 
-    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _adamw(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """AdamW with multi-tensor (foreach) ops: a handful of launches for every 1-D parameter."""
         beta1, beta2 = group["adam_betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["adam_eps"]
@@ -134,7 +151,6 @@ class SCALE(torch.optim.Optimizer):
             state["step"] += 1
         # the bias corrections differ only if parameters joined at different steps: one step size each
         step_sizes = [lr * math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"]) for s in states]
-        grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)

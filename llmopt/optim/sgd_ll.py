@@ -14,8 +14,9 @@ kept in the state for diagnostics: "rms_clipped" (1.0 if the RMS clip fired this
 rows clipped this step). State dtype = parameter dtype (the diagnostics are float32 scalars).
 
 `fused`: both passes as Triton kernels over all tensors of a group (kernels.py: the momentum update
-with each tensor's sum of squares, then the clipped update); None uses them on CUDA, True insists,
-False keeps the foreach/per-tensor eager code. The output layer's row clip stays eager.
+with each tensor's sum of squares, then the clipped update; for the output layer each row's sum of
+squares, from which the row clip and the clipped update's norm follow, then the row-scaled update);
+None uses them on CUDA, True insists, False keeps the foreach/per-tensor eager code.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class SGDLL(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
             if not params:
                 continue
             lr, tau, delta = group["lr"], group["tau"], group["delta"]
@@ -51,20 +56,27 @@ class SGDLL(torch.optim.Optimizer):
                     state["rms_clipped"] = torch.zeros((), device=p.device)
                     state["rms_clip_count"] = torch.zeros((), device=p.device)
             momenta = [self.state[p]["momentum_buffer"] for p in params]
-            grads = [p.grad for p in params]
             clip_rows = group["role"] == "output" and delta is not None
-            fused = tau is not None and kernels.use_kernels(self.fused, params + momenta + grads, "SGDLL")
+            fused = (tau is not None and kernels.use_kernels(self.fused, params + momenta + grads, "SGDLL")
+                     and not (clip_rows and any(p.size(1) > kernels.MAX_ROW for p in params)))
+            weight = 1 - group["momentum"]
             # pass 1: the momenta and every tensor's update RMS (clip statistics in at least fp32: bf16
             # norms are too coarse; fp64 stays fp64)
             stat_dtype = torch.promote_types(params[0].dtype, torch.float32)
-            updates = momenta
-            if fused and not clip_rows:
-                sq_sums = kernels.lerp_sumsq_(momenta, grads, 1 - group["momentum"])
-                norms = sq_sums.sqrt()
+            updates, row_factors = momenta, None
+            if fused and clip_rows:
+                # each row's sum of squares in the momentum pass; the clipped update's norm follows from them
+                row_sq = [kernels.row_lerp_sumsq_(m, g, weight) for m, g in zip(momenta, grads)]
+                row_factors = [self._row_factors(sq.sqrt(), delta, self.state[p]).to(p.dtype)
+                               for sq, p in zip(row_sq, params)]
+                norms = torch.stack([(f.float().square() * sq).sum().sqrt() for f, sq in zip(row_factors, row_sq)])
+            elif fused:
+                norms = kernels.lerp_sumsq_(momenta, grads, weight).sqrt()
             else:
-                torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+                torch._foreach_lerp_(momenta, grads, weight)
                 if clip_rows:
-                    updates = [self._clip_rows(m, delta, self.state[p], stat_dtype) for m, p in zip(momenta, params)]
+                    updates = [m * self._row_factors(m.norm(dim=1, dtype=stat_dtype), delta, self.state[p])
+                               .to(m.dtype)[:, None] for m, p in zip(momenta, params)]
                 if tau is None:
                     torch._foreach_add_(params, updates, alpha=-lr)
                     continue
@@ -80,16 +92,15 @@ class SGDLL(torch.optim.Optimizer):
             torch._foreach_add_([self.state[p]["rms_clip_count"] for p in params], fired)
             # pass 2: p <- p - lr * factor * u; the clipped update is never materialized
             if fused:
-                kernels.scaled_sub_(params, updates, factors, lr)
+                kernels.scaled_sub_(params, updates, factors, lr, row_factors=row_factors)
                 continue
             for p, update, factor in zip(params, updates, factors.to(params[0].dtype).unbind()):
                 p.addcmul_(update, factor, value=-lr)
         return loss
 
     @staticmethod
-    def _clip_rows(m: torch.Tensor, delta: float, state: dict, stat_dtype) -> torch.Tensor:
-        """u_v = m_v * min(1, delta / ||m_v||) for every row (vocabulary token) v."""
-        row_norm = m.norm(dim=1, keepdim=True, dtype=stat_dtype)
+    def _row_factors(row_norm: torch.Tensor, delta: float, state: dict) -> torch.Tensor:
+        """min(1, delta / ||m_v||) for every row (vocabulary token) v; the share clipped into the state."""
         factor = (delta / row_norm).clamp_(max=1.0)  # inf (zero rows) -> 1
         state["row_clip_fraction"] = (factor < 1).float().mean()
-        return m * factor.to(m.dtype)
+        return factor
