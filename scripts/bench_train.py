@@ -8,8 +8,11 @@ code (transformers LlamaForCausalLM, eager, pure bf16, torch AdamW, random token
 
 A case is flavor:optimizer:precision, optionally followed by flags (CASE_FLAGS: packed, fused_ce, ckpt = activation
 checkpointing, eager = no compile, eval10m = time the evaluation of 10M held-out tokens), mb=N (the
-micro-batch) and Hydra overrides (group.key=value, e.g. optimizer.lr=1e-4). A run that fails (e.g. refused
-by the trainer's memory check) is recorded with its error and the seconds it took to fail.
+micro-batch), accum=N (micro-batches per optimizer step, default 2; the papers' 512 sequences are e.g.
+2 x 256 at 60M/130M, 4 x 128 at 350M, 8 x 64 at 1B) and Hydra overrides (group.key=value, e.g.
+optimizer.lr=1e-4). A run that fails (e.g. refused by the trainer's memory check) is recorded with its
+error and the seconds it took to fail. A case's "x eager" is against the reference of its flavor at its
+micro-batch (`--reference 350m:mb=256` for another micro-batch than the default).
 
 Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--workers 8]
        [--out F]
@@ -30,8 +33,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# micro-batches sized for the H100 (scripts/profile_step.py: tokens/s still rising at these sizes)
-MICRO = {"60m": 256, "130m": 256, "350m": 128, "1b": 32, "7b": 4}
+# micro-batches sized for the H100 (scripts/profile_step.py: tokens/s still rising at these sizes; 1B: 64, RESULTS.md)
+MICRO = {"60m": 256, "130m": 256, "350m": 128, "1b": 64, "7b": 4}
 DEFAULT_CASES = ["60m:adamw:bf16_pure", "60m:scale:bf16_pure", "60m:adamw:amp_bf16", "60m:adamw:bf16_pure:packed",
                  "130m:adamw:bf16_pure", "130m:scale:bf16_pure", "350m:scale:bf16_pure", "1b:adamw:bf16_pure",
                  "1b:scale:bf16_pure"]
@@ -51,23 +54,25 @@ CASE_FLAGS = {  # optional words after flavor:optimizer:precision, each a set of
 def case_overrides(case: str, data_dir: str, steps: int, compile_model: bool, workers: int = 8) -> list[str]:
     """The Hydra overrides of a case "flavor:optimizer:precision[:flag ...][:mb=N][:group.key=value ...]"."""
     flavor, optimizer, precision, *flags = case.split(":")
-    micro = MICRO[flavor]
+    micro, accumulation = MICRO[flavor], 2
     extra = []
     for flag in flags:
         if flag.startswith("mb="):
             micro = int(flag[3:])
+        elif flag.startswith("accum="):
+            accumulation = int(flag[6:])
         elif flag in CASE_FLAGS:
             extra += CASE_FLAGS[flag]
         elif "=" in flag and "." in flag.split("=")[0]:  # a Hydra override, e.g. optimizer.lr=1e-4
             extra.append(flag)
         else:
-            raise ValueError(f"unknown case flag {flag!r} in {case!r}; flags: {sorted(CASE_FLAGS)}, mb=N or "
-                             "a Hydra override group.key=value")
+            raise ValueError(f"unknown case flag {flag!r} in {case!r}; flags: {sorted(CASE_FLAGS)}, mb=N, "
+                             "accum=N or a Hydra override group.key=value")
     eval_every = steps // 2 if "eval10m" in flags else 10 * steps
     return [f"model={flavor}", f"optimizer={optimizer}", "data=c4_local", f"data.data_dir={data_dir}",
             f"data.num_workers={workers}", "data.eval_tokens=150000", f"trainer.precision={precision}",
             f"trainer.compile={str(compile_model).lower()}", f"trainer.micro_batch_size={micro}",
-            f"trainer.global_batch_size={2 * micro}", f"trainer.steps={steps}", "trainer.log_every=5",
+            f"trainer.global_batch_size={accumulation * micro}", f"trainer.steps={steps}", "trainer.log_every=5",
             f"trainer.eval_every={eval_every}", "trainer.eval_batch_size=64", "checkpoint.export_hf=false",
             "checkpoint.final=false", "schedule=constant", *extra]
 
@@ -95,7 +100,7 @@ def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool, work
             records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in records if "perf/token_slots_per_s" in r][1:]  # the first interval holds compilation
     evals = [r for r in records if "perf/eval_s" in r]
-    row = {"case": case, "compile": cfg.trainer.compile,
+    row = {"case": case, "compile": cfg.trainer.compile, "micro_batch": cfg.trainer.micro_batch_size,
            "tok_s": statistics.median(r["perf/token_slots_per_s"] for r in logs),
            "mfu": statistics.median(r.get("perf/mfu", 0.0) for r in logs),
            "data_wait": statistics.median(r["perf/data_wait_frac"] for r in logs),
@@ -109,36 +114,48 @@ def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool, work
     return row
 
 
-def reference_loop(flavor: str, steps: int) -> dict:
-    """The papers' reference loop: HF eager, the whole model in bf16, torch AdamW, no compile."""
+def reference_loop(reference: str, steps: int) -> dict:
+    """The papers' reference loop: HF eager, the whole model in bf16, torch AdamW, no compile.
+    `reference` is a flavor, optionally with its micro-batch: "350m" or "350m:mb=256"."""
     from llmopt.model import build_model, llama_config
 
+    flavor, *flags = reference.split(":")
+    batch = MICRO[flavor]
+    for flag in flags:
+        if not flag.startswith("mb="):
+            raise ValueError(f"unknown reference flag {flag!r} in {reference!r}: only mb=N")
+        batch = int(flag[3:])
     device = torch.device("cuda")
     model = build_model(llama_config(flavor), device=device, dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = MICRO[flavor]
     tokens = torch.randint(0, 32000, (batch, 256), device=device)
     times = []
-    for i in range(steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    del model, opt
+    row = {"case": f"{flavor}:reference_eager", "micro_batch": batch}
+    try:
+        for i in range(steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        row["tok_s"] = batch * 256 / statistics.median(times)
+    except torch.OutOfMemoryError as err:  # the eager loop not fitting at this micro-batch is a result too
+        row.update(error=f"OutOfMemoryError: {str(err)[:200]}", wall_s=0.0)
+    del model, opt, tokens
     torch.cuda.empty_cache()
-    return {"case": f"{flavor}:reference_eager", "tok_s": batch * 256 / statistics.median(times)}
+    return row
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
-    ap.add_argument("--reference", nargs="*", default=["60m", "130m", "350m", "1b"])
+    ap.add_argument("--reference", nargs="*", default=["60m", "130m", "350m", "1b"],
+                    help='flavors for the eager reference, each optionally with its micro-batch: "350m:mb=256"')
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--workers", type=int, default=8, help="tokenizer processes (data.num_workers)")
@@ -156,17 +173,19 @@ def main(argv=None) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for flavor in args.reference:
-        record(reference_loop(flavor, steps=15))
+    for reference in args.reference:
+        record(reference_loop(reference, steps=15))
     for case in args.cases:
         record(trainer_case(case, args.data_dir, args.steps, not args.no_compile, args.workers))
-    ref = {r["case"].split(":")[0]: r["tok_s"] for r in rows if r["case"].endswith("reference_eager")}
+    # a case is compared with the reference of its flavor at its micro-batch
+    ref = {(r["case"].split(":")[0], r["micro_batch"]): r["tok_s"] for r in rows
+           if r["case"].endswith("reference_eager") and "error" not in r}
     print(f"{'case':32} {'tok/s':>10} {'x eager':>8} {'MFU':>6} {'data wait':>9} {'peak GB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:32} ERROR after {r['wall_s']:.1f} s: {r['error'][:150]}")
             continue
-        base = ref.get(r["case"].split(":")[0])
+        base = ref.get((r["case"].split(":")[0], r.get("micro_batch")))
         ratio = f"{r['tok_s'] / base:.2f}" if base and r["tok_s"] and "reference" not in r["case"] else "-"
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
         wait = f"{100 * r['data_wait']:.1f}%" if r.get("data_wait") is not None else "-"
