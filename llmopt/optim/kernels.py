@@ -37,10 +37,11 @@ except ImportError:  # CPU-only installs without triton: the optimizers use thei
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # launch shapes, measured on an H100 (scripts/bench_optim.py; benchmarks/RESULTS.md)
 ELEMENTS_PER_PROGRAM, ELEMENT_WARPS = 2048, 4      # element-wise kernels
-# row kernel: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; ROW_WARPS for rows up to that
-# length (1B's 2048-wide rows: 4 warps reach 77% of the floor, 8 warps 71-74%); longer rows LONG_ROW_WARPS per
-# 2048 elements, at most 32 (1B's 5461-wide rows: 32 warps 66-72%, 16 warps 45%)
-ROW_ELEMENTS_PER_PROGRAM, ROW_WARPS, LONG_ROW_WARPS = 2048, 4, 8
+# row kernel: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; warps from launch sweeps on the
+# 1B and 7B shapes (bf16): ROW_WARPS for rows padded to at most LONG_ROW elements (2048-wide: 77% of the floor
+# against 71-74% with 8 warps; 4096-wide: 81% against 77% with 16), LONG_ROW_WARPS beyond (5461-wide: 66-72%
+# against 45% with 16; 11008-wide: 71% against 62% with 16)
+ROW_ELEMENTS_PER_PROGRAM, ROW_WARPS, LONG_ROW, LONG_ROW_WARPS = 2048, 4, 4096, 32
 MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take the eager path
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 stays eager: the kernels add in fp32
 
@@ -281,7 +282,7 @@ def _row_launch(n_cols: int) -> tuple[int, int, int]:
     """The row kernels' tile for rows of n_cols: padded row length, rows per program, warps."""
     block = triton.next_power_of_2(n_cols)
     rows_per_program = max(1, ROW_ELEMENTS_PER_PROGRAM // block)
-    warps = ROW_WARPS if block <= ROW_ELEMENTS_PER_PROGRAM else min(32, LONG_ROW_WARPS * block // 2048)
+    warps = ROW_WARPS if block <= LONG_ROW else LONG_ROW_WARPS
     return block, rows_per_program, warps
 
 
