@@ -391,11 +391,10 @@ def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: t
     """Muon's element-wise work for n same-shape, same-dtype matrices in one pass: m <- lerp(m, g, 1 - momentum)
     in place, and the update u = lerp(g, m, momentum) (nesterov) or m, rounded to bf16, into the window
     stack[i, :rows, :cols] of a bf16 stack [n, R >= rows, C >= cols]. Returns each u's sum of squares (fp32)."""
-    rows, cols = momenta[0].shape
     grid, tensor, start, first, counts, numel = _elementwise_launch(momenta)
     partials = torch.empty(grid[0], dtype=torch.float32, device=stack.device)
-    _muon_stack_kernel[grid](_addresses(momenta), _addresses(grads), stack, partials, tensor, start, numel, cols,
-                             stack.stride(0), stack.stride(1), 1 - momentum, momentum,
+    _muon_stack_kernel[grid](_addresses(momenta), _addresses(grads), stack, partials, tensor, start, numel,
+                             momenta[0].size(1), stack.stride(0), stack.stride(1), 1 - momentum, momentum,
                              DTYPE=_triton_dtype(momenta[0].dtype), NESTEROV=nesterov, BLOCK=ELEMENTS_PER_PROGRAM,
                              num_warps=ELEMENT_WARPS)
     return _segment_sums(partials, first, counts)
