@@ -112,10 +112,13 @@ def _block_table(sizes: tuple[int, ...], per_block: int, device: torch.device):
 
 def _by_dtype(*lists: list[torch.Tensor]):
     """The lists split by the first list's dtype (one kernel specialization per dtype)."""
-    dtypes = {}
+    dtypes = {t.dtype for t in lists[0]}
+    if len(dtypes) == 1:  # the usual case: the lists as they are (per-step host work kept small)
+        return [(dtypes.pop(), list(lists), range(len(lists[0])))]
+    by_dtype = {}
     for i, t in enumerate(lists[0]):
-        dtypes.setdefault(t.dtype, []).append(i)
-    return [(dtype, [[lst[i] for i in idx] for lst in lists], idx) for dtype, idx in dtypes.items()]
+        by_dtype.setdefault(t.dtype, []).append(i)
+    return [(dtype, [[lst[i] for i in idx] for lst in lists], idx) for dtype, idx in by_dtype.items()]
 
 
 if triton is not None:
@@ -302,13 +305,15 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
     momentum = grads is not None
     for dtype, (ps, ds, gs), _ in _by_dtype(params, directions, grads if momentum else directions):
         by_cols: dict[int, list[int]] = {}
-        for i, p in enumerate(ps):
-            by_cols.setdefault(p.size(1), []).append(i)
+        rows = [p.shape for p in ps]
+        for i, (_, n_cols) in enumerate(rows):
+            by_cols.setdefault(n_cols, []).append(i)
         for n_cols, idx in by_cols.items():
             block, rows_per_program, warps = _row_launch(n_cols)
             group_p, group_d = [ps[i] for i in idx], [ds[i] for i in idx]
-            tensor, row, _, _ = _block_table(tuple(p.size(0) for p in group_p), rows_per_program, group_p[0].device)
-            rows_of = device_tensor(tuple(p.size(0) for p in group_p), torch.int32, tensor.device)
+            group_rows = tuple(rows[i][0] for i in idx)
+            tensor, row, _, _ = _block_table(group_rows, rows_per_program, group_p[0].device)
+            rows_of = device_tensor(group_rows, torch.int32, tensor.device)
             d_addrs = _addresses(group_d)
             _row_update_kernel[(len(tensor),)](
                 _addresses(group_p), d_addrs, _addresses([gs[i] for i in idx]) if momentum else d_addrs, tensor,

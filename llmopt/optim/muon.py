@@ -134,20 +134,17 @@ class BatchedMuon(torch.optim.Optimizer):
     def _step_group(self, group: dict) -> None:
         lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
         momentum, weight_decay = group["momentum"], group["weight_decay"]
-        params, grads, bufs = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("Muon does not support sparse gradients")
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state["momentum_buffer"])
+        params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Muon does not support sparse gradients")
+        states = [self.state[p] for p in params]
+        for g, state in zip(grads, states):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+        bufs = [state["momentum_buffer"] for state in states]
 
         if weight_decay != 0:  # torch multiplies by 1.0 here; skipping it changes no bit
             # a CPU float64 0-dim tensor, not a Python float: CPU foreach rounds a Python scalar to a

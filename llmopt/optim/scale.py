@@ -109,14 +109,15 @@ class SCALE(torch.optim.Optimizer):
             momentum = self._uses_momentum(group)
             directions = grads
             if momentum:
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                directions = [self.state[p]["momentum_buffer"] for p in params]
+                states = [self.state[p] for p in params]
+                for p, state in zip(params, states):
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                directions = [state["momentum_buffer"] for state in states]
             dim = unit_dim(kind, transposed) if kind in ("column", "row") else None
             if dim is not None and kernels.use_kernels(self.fused, params + grads + (directions if momentum else []),
                                                        "SCALE"):
-                if dim == 1 and all(p.size(1) <= kernels.MAX_ROW for p in params):
+                if dim == 1 and max(p.shape[1] for p in params) <= kernels.MAX_ROW:
                     # one pass per row: the momentum (if any), the row RMS and the update
                     kernels.row_normalized_update_(params, directions, lr, decay=decay,
                                                    grads=grads if momentum else None, weight=1 - group["momentum"])

@@ -49,13 +49,13 @@ class SGDLL(torch.optim.Optimizer):
             if not params:
                 continue
             lr, tau, delta = group["lr"], group["tau"], group["delta"]
-            for p in params:
-                state = self.state[p]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                     state["rms_clipped"] = torch.zeros((), device=p.device)
                     state["rms_clip_count"] = torch.zeros((), device=p.device)
-            momenta = [self.state[p]["momentum_buffer"] for p in params]
+            momenta = [state["momentum_buffer"] for state in states]
             clip_rows = group["role"] == "output" and delta is not None
             fused = (tau is not None and kernels.use_kernels(self.fused, params + momenta + grads, "SGDLL")
                      and not (clip_rows and any(p.size(1) > kernels.MAX_ROW for p in params)))
@@ -67,16 +67,16 @@ class SGDLL(torch.optim.Optimizer):
             if fused and clip_rows:
                 # each row's sum of squares in the momentum pass; the clipped update's norm follows from them
                 row_sq = [kernels.row_lerp_sumsq_(m, g, weight) for m, g in zip(momenta, grads)]
-                row_factors = [self._row_factors(sq.sqrt(), delta, self.state[p]).to(p.dtype)
-                               for sq, p in zip(row_sq, params)]
+                row_factors = [self._row_factors(sq.sqrt(), delta, state).to(m.dtype)
+                               for sq, state, m in zip(row_sq, states, momenta)]
                 norms = torch.stack([(f.float().square() * sq).sum().sqrt() for f, sq in zip(row_factors, row_sq)])
             elif fused:
                 norms = kernels.lerp_sumsq_(momenta, grads, weight).sqrt()
             else:
                 torch._foreach_lerp_(momenta, grads, weight)
                 if clip_rows:
-                    updates = [m * self._row_factors(m.norm(dim=1, dtype=stat_dtype), delta, self.state[p])
-                               .to(m.dtype)[:, None] for m, p in zip(momenta, params)]
+                    updates = [m * self._row_factors(m.norm(dim=1, dtype=stat_dtype), delta, state)
+                               .to(m.dtype)[:, None] for m, state in zip(momenta, states)]
                 if tau is None:
                     torch._foreach_add_(params, updates, alpha=-lr)
                     continue
@@ -88,8 +88,8 @@ class SGDLL(torch.optim.Optimizer):
             fired = step_rms > tau
             factors = torch.where(fired, tau / step_rms, 1.0)
             fired = fired.float().unbind()
-            torch._foreach_copy_([self.state[p]["rms_clipped"] for p in params], fired)
-            torch._foreach_add_([self.state[p]["rms_clip_count"] for p in params], fired)
+            torch._foreach_copy_([state["rms_clipped"] for state in states], fired)
+            torch._foreach_add_([state["rms_clip_count"] for state in states], fired)
             # pass 2: p <- p - lr * factor * u; the clipped update is never materialized
             if fused:
                 kernels.scaled_sub_(params, updates, factors, lr, row_factors=row_factors)
