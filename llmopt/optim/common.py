@@ -42,6 +42,17 @@ def evaluate_closure(closure):
         return closure()
 
 
+def with_grads(group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A param group's parameters that have a gradient, and those gradients (each read once: per step)."""
+    params, grads = [], []
+    for p in group["params"]:
+        grad = p.grad
+        if grad is not None:
+            params.append(p)
+            grads.append(grad)
+    return params, grads
+
+
 def check_nonnegative(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not value >= 0:

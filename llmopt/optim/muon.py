@@ -29,7 +29,14 @@ from collections import defaultdict
 import torch
 
 from llmopt.optim import kernels
-from llmopt.optim.common import OptimizerWrapper, check_choice, check_nonnegative, check_unit_interval, evaluate_closure
+from llmopt.optim.common import (
+    OptimizerWrapper,
+    check_choice,
+    check_nonnegative,
+    check_unit_interval,
+    evaluate_closure,
+    with_grads,
+)
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's)
@@ -134,10 +141,9 @@ class BatchedMuon(torch.optim.Optimizer):
     def _step_group(self, group: dict) -> None:
         lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
         momentum, weight_decay = group["momentum"], group["weight_decay"]
-        params = [p for p in group["params"] if p.grad is not None]
+        params, grads = with_grads(group)
         if not params:
             return
-        grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Muon does not support sparse gradients")
         states = [self.state[p] for p in params]

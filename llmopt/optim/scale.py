@@ -39,6 +39,7 @@ from llmopt.optim.common import (
     evaluate_closure,
     newton_schulz,
     role_groups,
+    with_grads,
 )
 
 NORMALIZATIONS = ("column", "row", "sign", "spectral", "none")
@@ -93,11 +94,7 @@ class SCALE(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    grads.append(p.grad)
+            params, grads = with_grads(group)
             if not params:
                 continue
             if group["role"] == "vector":

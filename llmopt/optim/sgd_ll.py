@@ -26,7 +26,7 @@ import math
 import torch
 
 from llmopt.optim import kernels
-from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups
+from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups, with_grads
 
 
 class SGDLL(torch.optim.Optimizer):
@@ -41,11 +41,7 @@ class SGDLL(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                if p.grad is not None:
-                    params.append(p)
-                    grads.append(p.grad)
+            params, grads = with_grads(group)
             if not params:
                 continue
             lr, tau, delta = group["lr"], group["tau"], group["delta"]
