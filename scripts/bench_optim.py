@@ -182,7 +182,9 @@ def main(argv=None) -> int:
         r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base else None
         r["device_x_fused_adamw"] = r["device_ms"] / base["device_ms"] if base and r["device_ms"] else None
         old_muon = by.get(("muon_torch_old", r["dtype"]))
-        r["x_torch_muon"] = r["step_ms"] / old_muon["step_ms"] if old_muon and r["case"] == "muon" else None
+        muon = old_muon and r["case"] == "muon"
+        r["x_torch_muon"] = r["step_ms"] / old_muon["step_ms"] if muon else None
+        r["device_x_torch_muon"] = r["device_ms"] / old_muon["device_ms"] if muon and r["device_ms"] else None
         own = r["device_ms"] or r["step_ms"]
         if r["case"].startswith("ema_nesterov") and base:
             own -= base["device_ms"] or base["step_ms"]
@@ -193,14 +195,15 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
     print(f"{'case':28} {'dtype':5} {'step ms':>9} {'device ms':>9} {'x fusedAdamW':>12} {'(device)':>8} "
-          f"{'x torchMuon':>11} {'floor ms':>9} {'of floor':>8} {'state GB':>9}")
+          f"{'x torchMuon':>11} {'(device)':>8} {'floor ms':>9} {'of floor':>8} {'state GB':>9}")
 
     def fmt(value, spec):
         return format(value, spec) if value else "-"
     for r in rows:
         print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {fmt(r['device_ms'], '9.2f'):>9} "
               f"{fmt(r['x_fused_adamw'], '.2f'):>12} {fmt(r['device_x_fused_adamw'], '.2f'):>8} "
-              f"{fmt(r['x_torch_muon'], '.3f'):>11} {fmt(r['floor_ms'], '.2f'):>9} "
+              f"{fmt(r['x_torch_muon'], '.3f'):>11} {fmt(r['device_x_torch_muon'], '.3f'):>8} "
+              f"{fmt(r['floor_ms'], '.2f'):>9} "
               f"{fmt(r['floor_fraction'], '.0%'):>8} {r['state_gb']:9.2f}")
     if args.out:
         with open(args.out, "w") as f:
