@@ -162,12 +162,16 @@ class DocStream:
         self._chunk: Chunk | None = None
         self._k = self._offset = 0
 
+    def _next_chunk(self) -> Chunk:
+        """The chunk that holds the next record: the next one from the workers once this one is used up."""
+        if self._chunk is None or self._k == len(self._chunk.lengths):
+            self._chunk, self._k, self._offset = next(self._chunks), 0, 0
+        return self._chunk
+
     def next_doc(self) -> np.ndarray:
         """Tokens of the next good document; StopIteration at the end of a one-pass stream."""
         while True:
-            if self._chunk is None or self._k == len(self._chunk.lengths):
-                self._chunk, self._k, self._offset = next(self._chunks), 0, 0
-            chunk, k = self._chunk, self._k
+            chunk, k = self._next_chunk(), self._k
             self._k += 1
             self.epoch, self.index = chunk.epoch, chunk.start + k + 1
             n = int(chunk.lengths[k])
@@ -185,9 +189,7 @@ class DocStream:
         (the training process assembles every batch; per-document Python work shows at 1M+ tokens/s)."""
         docs: list[np.ndarray] = []
         while len(docs) < n:
-            if self._chunk is None or self._k == len(self._chunk.lengths):
-                self._chunk, self._k, self._offset = next(self._chunks), 0, 0
-            chunk, k = self._chunk, self._k
+            chunk, k = self._next_chunk(), self._k
             lengths = chunk.lengths[k: k + n - len(docs)]
             if lengths.min() < 0:  # a bad record in this run: one document at a time, with its report
                 docs.append(self.next_doc())

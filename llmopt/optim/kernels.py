@@ -159,6 +159,12 @@ if triton is not None:
         return m.to(tl.float32), g
 
     @triton.jit
+    def _flat_block(total, BLOCK: tl.constexpr):
+        """A one-tensor element-wise kernel's program: its element offsets and mask."""
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        return offsets, offsets < total
+
+    @triton.jit
     def _element_block(block_tensor, block_start, numel_of, BLOCK: tl.constexpr):
         """The element-wise kernels' program: its tensor, element offsets and mask."""
         t = tl.load(block_tensor + tl.program_id(0))
@@ -190,8 +196,7 @@ if triton is not None:
     @triton.jit
     def _column_update_kernel(p, d, rms, n_cols, total, lr, decay, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                               DECAY: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < total
+        offsets, mask = _flat_block(total, BLOCK)
         x = tl.load(p + offsets, mask=mask, other=0.0).to(tl.float32)
         direction = tl.load(d + offsets, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(rms + offsets % n_cols, mask=mask, other=1.0).to(tl.float32)
@@ -266,8 +271,7 @@ if triton is not None:
 
     @triton.jit
     def _divide_stack_kernel(stack, divisors, matrix_numel, total, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < total
+        offsets, mask = _flat_block(total, BLOCK)
         x = tl.load(stack + offsets, mask=mask, other=0.0).to(tl.float32)
         divisor = tl.load(divisors + offsets // matrix_numel, mask=mask, other=1.0)
         tl.store(stack + offsets, _round(tl.math.div_rn(x, divisor), tl.bfloat16), mask=mask)
