@@ -7,12 +7,12 @@ holds compilation, excluded). In the same process, the baseline: a loop like the
 code (transformers LlamaForCausalLM, eager, pure bf16, torch AdamW, random tokens), timed the same way.
 
 A case is flavor:optimizer:precision, optionally followed by flags (CASE_FLAGS: packed, fused_ce, ckpt = activation
-checkpointing, eager = no compile, eval10m = time the evaluation of 10M held-out tokens), mb=N (the
-micro-batch), accum=N (micro-batches per optimizer step, default 2; the papers' 512 sequences are e.g.
-2 x 256 at 60M/130M, 4 x 128 at 350M, 8 x 64 at 1B) and Hydra overrides (group.key=value, e.g.
-optimizer.lr=1e-4). A run that fails (e.g. refused by the trainer's memory check) is recorded with its
-error and the seconds it took to fail. A case's "x eager" is against the reference of its flavor at its
-micro-batch (`--reference 350m:mb=256` for another micro-batch than the default).
+checkpointing, eager = no compile, hf_rotary = transformers' rotary module instead of llmopt's table, eval10m =
+time the evaluation of 10M held-out tokens), mb=N (the micro-batch), accum=N (micro-batches per optimizer step,
+default 2; the papers' 512 sequences are e.g. 2 x 256 at 60M/130M, 4 x 128 at 350M, 8 x 64 at 1B) and Hydra
+overrides (group.key=value, e.g. optimizer.lr=1e-4). A run that fails (e.g. refused by the trainer's memory check)
+is recorded with its error and the seconds it took to fail. A case's "x eager" is against the reference of its
+flavor at its micro-batch (`--reference 350m:mb=256` for another micro-batch than the default).
 
 Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--workers 8]
        [--out F]
@@ -45,6 +45,7 @@ CASE_FLAGS = {  # optional words after flavor:optimizer:precision, each a set of
     "ckpt": ["trainer.activation_checkpointing=true"],
     "fused_ce": ["trainer.fused_ce=true"],
     "eager": ["trainer.compile=false"],
+    "hf_rotary": ["trainer.rotary_table=false"],  # transformers' rotary module (cos/sin recomputed in each layer)
     # the evaluation pass on 10M held-out tokens (two Wikipedia shards, packed), run twice; the second is timed
     "eval10m": ["data.mode=packed", "data.eval.files=[enwiki/enwiki-01.jsonl.xz,enwiki/enwiki-02.jsonl.xz]",
                 "data.eval_tokens=10000000", "trainer.eval_batch_size=256"],

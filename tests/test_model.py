@@ -3,6 +3,7 @@ import torch
 
 from llmopt.model import FLAVORS, build_model, flops_per_token, llama_config, param_counts
 from llmopt.model.loss import CausalLMLoss
+from llmopt.model.rotary import RotaryTable, use_rotary_table
 
 # protocol.md section 1: total and attention+MLP parameters of the config files
 PUBLISHED = {"60m": (58.07, 25.30), "130m": (134.11, 84.93), "350m": (367.97, 302.38),
@@ -86,3 +87,36 @@ def test_fused_cross_entropy_is_refused_on_cpu_without_the_interpreter(monkeypat
     model = build_model(llama_config("micro"))
     with pytest.raises(ValueError, match="need a CUDA device.*trainer.fused_ce=false"):
         CausalLMLoss(model, fused_ce=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_table_gives_transformers_outputs_and_gradients_bit_for_bit(dtype, device):
+    # a bf16 model holds a bf16-rounded inv_freq, which transformers then uses: the table must too
+    config = llama_config("micro")
+    reference = build_model(config, seed=1, dtype=dtype, device=device)
+    tabled = use_rotary_table(build_model(config, seed=1, dtype=dtype, device=device))
+    assert isinstance(tabled.model.rotary_emb, RotaryTable)
+    assert not isinstance(reference.model.rotary_emb, RotaryTable)
+    input_ids = torch.randint(0, config.vocab_size, (3, 40), device=device)
+    for position_ids in (None, torch.arange(100, 140, device=device).expand(3, 40)):  # default and shifted
+        outputs = []
+        for model in (reference, tabled):
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=input_ids, position_ids=position_ids).logits
+            logits.float().square().mean().backward()
+            outputs.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+        assert torch.equal(outputs[0][0], outputs[1][0])
+        for name, grad in outputs[0][1].items():
+            assert torch.equal(grad, outputs[1][1][name]), name
+    # the tables are not state: checkpoints and exported models are transformers' own
+    assert reference.state_dict().keys() == tabled.state_dict().keys()
+    assert use_rotary_table(tabled).model.rotary_emb is tabled.model.rotary_emb  # applied once
+
+
+def test_rotary_table_leaves_scaled_rope_types_to_transformers():
+    config = llama_config("micro")
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model = build_model(config)
+    rotary = model.model.rotary_emb
+    assert use_rotary_table(model).model.rotary_emb is rotary

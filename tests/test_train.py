@@ -98,6 +98,19 @@ def test_accumulation_gives_the_same_update(tmp_path, micro, accumulation):
         torch.testing.assert_close(other[key], ref[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
+def count_calls(monkeypatch, module_class) -> dict:
+    """{"n": calls of module_class.forward}, counted while the test runs."""
+    calls = {"n": 0}
+    original = module_class.forward
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(module_class, "forward", counting)
+    return calls
+
+
 def test_activation_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypatch):
     """trainer.activation_checkpointing=true runs every decoder layer again in the backward pass, and the
     parameters after 2 AdamW steps are those of the run without it."""
@@ -105,14 +118,7 @@ def test_activation_checkpointing_recomputes_and_changes_no_number(tmp_path, mon
     from transformers.models.llama import modeling_llama
 
     # count the MLPs inside the layers (the layers' own forward is what transformers wraps to checkpoint)
-    calls = {"n": 0}
-    original = modeling_llama.LlamaMLP.forward
-
-    def counting(self, *args, **kwargs):
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting)
+    calls = count_calls(monkeypatch, modeling_llama.LlamaMLP)
     base = [*C4_SMALL, "trainer.steps=2", "schedule=constant", "optimizer=adamw", "optimizer.lr=1e-2",
             "trainer.eval_every=1000", "checkpoint.export_hf=true"]
     layer_calls, params = {}, {}
@@ -150,6 +156,30 @@ def test_fused_cross_entropy_trains_as_the_plain_loss(tmp_path):
         torch.testing.assert_close(params["true"][key], params["false"][key], rtol=1e-4, atol=1e-6, msg=key)
     initial = build_model(llama_config("tiny"), seed=0)
     assert not torch.equal(initial.lm_head.weight, params["true"]["lm_head.weight"])  # the runs did train
+
+def test_rotary_table_trains_exactly_as_transformers_rotary_module(tmp_path, monkeypatch):
+    """trainer.rotary_table=true (the default) never calls transformers' rotary module, and 2 AdamW steps give
+    the same losses and parameters, bit for bit, as the run with it."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    calls = count_calls(monkeypatch, modeling_llama.LlamaRotaryEmbedding)
+    base = [*C4_SMALL, "trainer.steps=2", "schedule=constant", "optimizer=adamw", "optimizer.lr=1e-2",
+            "checkpoint.export_hf=true"]
+    assert compose_config(base).trainer.rotary_table is True
+    params, losses, hf_calls = {}, {}, {}
+    for flag in ("false", "true"):
+        calls["n"] = 0
+        run_in_process(tmp_path, [*base, f"trainer.rotary_table={flag}"], name=flag)
+        hf_calls[flag] = calls["n"]
+        params[flag] = LlamaForCausalLM.from_pretrained(tmp_path / flag / "hf_model").state_dict()
+        losses[flag] = [r["train/loss"] for r in metrics(tmp_path / flag) if "train/loss" in r]
+    assert hf_calls["true"] == 0 and hf_calls["false"] >= 4  # 2 steps x 2 micro-batches, and eval
+    assert len(losses["true"]) == 2 and losses["true"] == losses["false"]
+    assert params["true"].keys() == params["false"].keys()
+    for key in params["false"]:
+        assert torch.equal(params["true"][key], params["false"][key]), key
+
 
 def test_eval_losses_against_a_hand_computation(tmp_path):
     """token-weighted: sum of token losses / tokens; paper-compatible: sum of batch means / (batches + 1)."""

@@ -7,5 +7,7 @@ from llmopt.model.flavors import (
     llama_config,
     param_counts,
 )
+from llmopt.model.rotary import RotaryTable, use_rotary_table
 
-__all__ = ["FLAVORS", "build_model", "flops_per_token", "llama_config", "param_counts"]
+__all__ = ["FLAVORS", "RotaryTable", "build_model", "flops_per_token", "llama_config", "param_counts",
+           "use_rotary_table"]

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts
 from llmopt.model.loss import CausalLMLoss
+from llmopt.model.rotary import use_rotary_table
 from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
@@ -31,7 +32,7 @@ log = logging.getLogger("llmopt")
 # SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
-TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "fused_ce")
+TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "fused_ce", "rotary_table")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -135,9 +136,12 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
     checkpoint_activations = bool(cfg.trainer.get("activation_checkpointing", False))
     fused_ce = bool(cfg.trainer.get("fused_ce", False))
+    rotary_table = bool(cfg.trainer.get("rotary_table", True))
 
     def build():
         model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
+        if rotary_table:
+            use_rotary_table(model)
         if checkpoint_activations:
             # recompute each decoder layer's activations in the backward pass: memory for time (large
             # flavors on one GPU); non-reentrant, which torch.compile and no_sync accumulation support
@@ -154,8 +158,8 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
         model, loss_model = build()
     else:
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
-               tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, fused_ce, str(accelerator.device),
-               accelerator.num_processes)
+               tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, fused_ce, rotary_table,
+               str(accelerator.device), accelerator.num_processes)
         model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,
