@@ -25,7 +25,6 @@ class RotaryTable(nn.Module):
         freqs = positions[:, None] * inv_freq.to(torch.float)  # HF's product, one multiply per entry
         angles = torch.cat((freqs, freqs), dim=-1)
         self.attention_scaling = rotary.attention_scaling
-        self.max_positions = max_positions
         self.register_buffer("cos_table", angles.cos() * self.attention_scaling, persistent=False)
         self.register_buffer("sin_table", angles.sin() * self.attention_scaling, persistent=False)
 
