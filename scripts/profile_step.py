@@ -62,9 +62,8 @@ def profile_breakdown(step, steps: int = 3) -> dict:
 def run_variant(flavor: str, micro: int, head: str, rotary: str, mode: str, seq: int, steps: int,
                 profile: bool) -> dict:
     from llmopt.metrics.throughput import peak_flops
-    from llmopt.model import build_model, flops_per_token, llama_config
+    from llmopt.model import build_model, flops_per_token, llama_config, use_rotary_table
     from llmopt.model.loss import CausalLMLoss
-    from llmopt.model.rotary import use_rotary_table
 
     device = torch.device("cuda")
     torch._dynamo.reset()

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmopt.model import build_model, flops_per_token, llama_config, param_counts
+from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
 from llmopt.model.loss import CausalLMLoss
-from llmopt.model.rotary import use_rotary_table
 from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
