@@ -7,7 +7,7 @@ transformers' module), torch.compile'd, fused AdamW, random tokens (no data pipe
 the GPU time by kernel kind (matmul, attention, Triton-generated, optimizer, other) and gives the GPU's busy
 fraction of the wall time (below 100%: the host does not keep it fed).
 
-Usage: python scripts/profile_step.py --flavor 60m --micro 64 128 256 --heads plain fused [--rotary table hf]
+Usage: python scripts/profile_step.py --flavor 60m --micro 64 128 256 --heads plain one_pass chunked [--rotary table hf]
        [--modes default] [--profile] [--out results.jsonl]
 """
 
@@ -72,7 +72,7 @@ def run_variant(flavor: str, micro: int, head: str, rotary: str, mode: str, seq:
     model = build_model(config, device=device, dtype=torch.bfloat16)
     if rotary == "table":
         use_rotary_table(model)
-    loss_model = torch.compile(CausalLMLoss(model, fused_ce=head == "fused"),
+    loss_model = torch.compile(CausalLMLoss(model, head=head),
                                mode=None if mode == "default" else mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, config.vocab_size, (micro, seq), device=device)
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flavor", default="60m")
     ap.add_argument("--micro", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--heads", nargs="+", default=["plain", "fused"], choices=["plain", "fused"])
+    ap.add_argument("--heads", nargs="+", default=["plain", "one_pass"], choices=["plain", "one_pass", "chunked"],
+                    help="how lm_head + cross-entropy run (llmopt.model.loss.CausalLMLoss)")
     ap.add_argument("--rotary", nargs="+", default=["table"], choices=["table", "hf"])
     ap.add_argument("--modes", nargs="+", default=["default"],
                     help="torch.compile modes: default, max-autotune-no-cudagraphs, reduce-overhead, ...")
@@ -135,10 +136,10 @@ def main(argv=None) -> int:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\n{'flavor':6} {'micro':>5} {'head':6} {'rotary':6} {'mode':26} {'tok/s':>10} {'MFU':>5} {'peak GB':>7} "
+    print(f"\n{'flavor':6} {'micro':>5} {'head':8} {'rotary':6} {'mode':26} {'tok/s':>10} {'MFU':>5} {'peak GB':>7} "
           f"{'busy':>5}")
     for r in rows:
-        name = f"{r['flavor']:6} {r['micro']:5} {r['head']:6} {r['rotary']:6} {r['mode']:26}"
+        name = f"{r['flavor']:6} {r['micro']:5} {r['head']:8} {r['rotary']:6} {r['mode']:26}"
         if "error" in r:
             print(f"{name} failed: {r['error'][:60]}")
             continue

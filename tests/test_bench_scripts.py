@@ -26,7 +26,8 @@ def test_bench_train_case_flags_become_overrides():
     assert overrides[-3:] == ["trainer.activation_checkpointing=true", "trainer.compile=false", "optimizer.lr=1e-4"]
     evaluation = bench_train.case_overrides("60m:adamw:bf16_pure:eval10m", "/d", 10, True)
     assert "data.eval_tokens=10000000" in evaluation and "trainer.eval_every=5" in evaluation
-    assert bench_train.case_overrides("60m:adamw:bf16_pure:fused_ce", "/d", 10, True)[-1] == "trainer.fused_ce=true"
+    chunked = bench_train.case_overrides("60m:adamw:bf16_pure:chunked_ce", "/d", 10, True)
+    assert chunked[-1] == "trainer.loss_head=chunked"
     paper_batch = bench_train.case_overrides("1b:adamw:bf16_pure:mb=32:accum=16", "/d", 10, True)
     assert "trainer.micro_batch_size=32" in paper_batch and "trainer.global_batch_size=512" in paper_batch
     with pytest.raises(ValueError, match="unknown case flag 'fast'.*mb=N, accum=N or a Hydra override"):

@@ -6,10 +6,12 @@ The real C4 samples and the shared 32k SentencePiece model are read from ../shar
 from __future__ import annotations
 
 import bz2
+import gc
 import gzip
 import json
 import logging
 import lzma
+import multiprocessing
 import socket
 import threading
 import time
@@ -247,6 +249,79 @@ def test_resume_across_epochs_replays_the_shuffle(tmp_path):
         build_data(cfg | {"seq_len": 32}, micro_batch_size=4).train.load_state_dict(state)
 
 
+def batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "llmopt-batches"]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if k == "buffer" else a[k] == b[k] for k in a)
+
+
+def test_batches_made_ahead_equal_the_loop_and_resume_exactly():
+    """data.batches_ahead: the same batches and states as batches made in next(); the state is that of the last
+    batch handed out, not of the ones made ahead; loading a state mid-stream rewinds exactly."""
+    before = set(batch_threads())  # other tests' (dropped) streams may still be ending theirs
+    for mode in ("truncate_pad", "packed"):
+        cfg = local_cfg(mode=mode, seq_len=48, train={"type": "local", "files": [str(C4_VAL)], "shuffle_buffer": 50})
+        loop = build_data(cfg | {"batches_ahead": 0}, micro_batch_size=8)
+        ref = [(next(loop.train), loop.train.state_dict()) for _ in range(30)]
+        ahead = build_data(cfg | {"batches_ahead": 3, "num_workers": 2, "chunk_docs": 16}, micro_batch_size=8)
+        for batch, state in ref[:10]:
+            assert all(torch.equal(batch[k], v) for k, v in next(ahead.train).items())
+            assert same_state(ahead.train.state_dict(), state)
+        deadline = time.monotonic() + 30
+        while ahead.train.loader.state_dict()["batches"] < 14 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert ahead.train.loader.state_dict()["batches"] == 14  # three ready, a fourth waiting for room; no more
+        assert same_state(ahead.train.state_dict(), ref[9][1])
+        ahead.train.load_state_dict(ref[4][1])  # back to after batch 5, with the thread running
+        assert not set(batch_threads()) - before
+        for batch, state in ref[5:20]:
+            assert all(torch.equal(batch[k], v) for k, v in next(ahead.train).items()), mode
+            assert same_state(ahead.train.state_dict(), state)
+        ahead.close()
+        assert not set(batch_threads()) - before and same_state(ahead.train.state_dict(), ref[19][1])
+        for batch, _ in ref[20:]:  # after close, the stream re-opens after the last batch handed out
+            assert torch.equal(next(ahead.train)["input_ids"], batch["input_ids"])
+        ahead.close()
+
+
+def test_batches_ahead_hand_out_the_good_batches_then_the_error(tmp_path):
+    lines = [json.dumps({"text": t}) for t in c4_texts()[:20]]
+    lines[9] = '{"text": "broken'
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    before = set(batch_threads())
+    data = build_data(local_cfg(files=(path,), batches_ahead=4, chunk_docs=4), micro_batch_size=4)
+    take(data, 2)  # records 0-7
+    with pytest.raises(BadRecordError, match="bad.jsonl:10: malformed JSON"):
+        next(data.train)
+    assert data.train.state_dict()["batches"] == 2 and data.train.state_dict()["index"] == 8
+    assert not set(batch_threads()) - before
+    with pytest.raises(BadRecordError):  # the stream re-opens where it stopped, and fails there again
+        next(data.train)
+    with pytest.raises(ValueError, match="data.batches_ahead must be an integer >= 0"):
+        build_data(local_cfg(batches_ahead=-1), micro_batch_size=4)
+
+
+def test_a_dropped_stream_ends_its_thread_and_workers():
+    data = build_data(local_cfg(num_workers=1, batches_ahead=2), micro_batch_size=4)
+    threads, children = set(batch_threads()), set(multiprocessing.active_children())
+    take(data, 1)
+    (thread,) = set(batch_threads()) - threads
+    workers = set(multiprocessing.active_children()) - children
+    assert len(workers) == 1
+    del data
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 10
+    while any(p.is_alive() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.is_alive() for p in workers)
+
+
 # ---- the validation set --------------------------------------------------------------------------------
 def eval_rows(data, batch_size: int) -> list[list[tuple]]:
     return [[tuple(r.tolist()) for r in b["input_ids"]] for b in data.eval_batches(batch_size)]
@@ -427,7 +502,7 @@ def test_bulk_document_reads_equal_one_at_a_time(tmp_path, caplog):
     data = build_data(local_cfg(files=(path,), on_bad_record="skip", chunk_docs=8), micro_batch_size=4)
 
     def stream():
-        return DocStream(data.train.source, data._settings, rank=0, world_size=1, epoch=0, index=0, cycle=True)
+        return DocStream(data.train.loader.source, data._settings, rank=0, world_size=1, epoch=0, index=0, cycle=True)
 
     one, bulk = stream(), stream()
     for n in (1, 5, 8, 13, 30, 2):  # 59 documents: past the end of the 37 good ones, into the next epoch

@@ -56,17 +56,20 @@ def _loss_and_grads(loss_model, model, input_ids, labels):
     return loss_sum.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_fused_cross_entropy_matches_the_plain_loss_and_gradients():
-    # liger-kernel's Triton kernels: on the GPU, or on CPU through Triton's interpreter (tests/conftest.py)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels: the GPU, or Triton's interpreter on CPU
+
+
+@pytest.mark.parametrize("head", ["one_pass", "chunked"])
+def test_loss_heads_match_the_plain_loss_and_gradients(head):
+    """llmopt's one-pass kernel and liger-kernel's chunked head against the plain head and the float64 formula."""
     torch.manual_seed(0)
-    model = build_model(llama_config("micro"), dtype=torch.float32, device=device)
-    input_ids = torch.randint(0, 128, (3, 40), device=device)
+    model = build_model(llama_config("micro"), dtype=torch.float32, device=DEVICE)
+    input_ids = torch.randint(0, 128, (3, 40), device=DEVICE)
     labels = input_ids.clone()
     labels[0, 25:] = -100  # right padding is ignored
     labels[2, :7] = -100
-    plain = _loss_and_grads(CausalLMLoss(model), model, input_ids, labels)
-    fused = _loss_and_grads(CausalLMLoss(model, fused_ce=True), model, input_ids, labels)
+    plain = _loss_and_grads(CausalLMLoss(model, head="plain"), model, input_ids, labels)
+    other = _loss_and_grads(CausalLMLoss(model, head=head), model, input_ids, labels)
     # the float64 formula: sum over target tokens of logsumexp(logits) - logit of the target
     with torch.no_grad():
         logits = model.double()(input_ids=input_ids).logits[:, :-1]
@@ -75,18 +78,70 @@ def test_fused_cross_entropy_matches_the_plain_loss_and_gradients():
     mask = targets != -100
     nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     expected = nll[mask].sum()
-    assert plain[1] == fused[1] == mask.sum()
-    torch.testing.assert_close(fused[0].double(), expected, rtol=1e-5, atol=1e-4)
+    assert plain[1] == other[1] == mask.sum()
+    torch.testing.assert_close(other[0].double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(plain[0].double(), expected, rtol=1e-5, atol=1e-4)
     for name, grad in plain[2].items():
-        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(other[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # evaluation: the loss alone (no gradient written)
+        torch.testing.assert_close(CausalLMLoss(model, head=head)(input_ids, labels)[0], other[0])
 
 
-def test_fused_cross_entropy_is_refused_on_cpu_without_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def _float64_cross_entropy(hidden, weight, targets, scale):
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(h @ w.t(), targets, ignore_index=-100, reduction="sum")
+    return (loss.detach(), *torch.autograd.grad(loss * scale, (h, w)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ["one_block", "loop"])
+def test_linear_cross_entropy_matches_the_float64_formula(dtype, rows, monkeypatch):
+    """The kernel's loss and gradients (with the loss scaled, as the trainer scales it) against float64; in bf16
+    no further from it than the plain bf16 head (lm_head, then cross-entropy on the upcast logits)."""
+    from llmopt.model import cross_entropy
+
+    if rows == "loop":  # rows longer than one block: online max and sum over 128-wide blocks, then a second pass
+        monkeypatch.setattr(cross_entropy, "ONE_BLOCK_MAX", 64)
+        monkeypatch.setattr(cross_entropy, "LOOP_BLOCK", 128)
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 24, device=DEVICE).to(dtype).requires_grad_()
+    weight = (torch.randn(1000, 24, device=DEVICE) * 0.3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (37,), device=DEVICE)
+    targets[[3, 20, 21]] = -100
+    scale = torch.tensor(0.37, device=DEVICE)
+    expected = _float64_cross_entropy(hidden, weight, targets, 0.37)
+    loss = cross_entropy.linear_cross_entropy(hidden, weight, targets)
+    got = (loss.detach(), *torch.autograd.grad(loss * scale, (hidden, weight)))
+    assert loss.dtype == torch.float32
+    if dtype == torch.float32:
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    else:
+        plain = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+        baseline = (plain.detach(), *torch.autograd.grad(plain * scale, (hidden, weight)))
+        for a, b, ref in zip(got, baseline, expected):
+            error, plain_error = (a.double() - ref).norm(), (b.double() - ref).norm()
+            assert error <= 1.5 * plain_error + 1e-6 * ref.norm(), (error, plain_error)
+    with torch.no_grad():
+        assert torch.equal(cross_entropy.linear_cross_entropy(hidden, weight, targets), loss.detach())
+
+
+def test_loss_heads_refused_where_they_cannot_run(monkeypatch):
     model = build_model(llama_config("micro"))
-    with pytest.raises(ValueError, match="need a CUDA device.*trainer.fused_ce=false"):
-        CausalLMLoss(model, fused_ce=True)
+    assert CausalLMLoss(model).head == "plain"  # auto: the kernel on CUDA only, even under the interpreter
+    with pytest.raises(ValueError, match="unknown loss head 'fused'.*one_pass"):
+        CausalLMLoss(model, head="fused")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("llmopt.model.cross_entropy.INTERPRET", False)
+    with pytest.raises(ValueError, match="needs a CUDA device.*trainer.loss_head=plain"):
+        CausalLMLoss(model, head="one_pass")
+    with pytest.raises(ValueError, match="need a CUDA device.*trainer.loss_head=plain"):
+        CausalLMLoss(model, head="chunked")
+    from llmopt.model.cross_entropy import linear_cross_entropy
+    with pytest.raises(ValueError, match="cast both"):
+        linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(2).long())
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16 tensors, not torch.float64"):
+        linear_cross_entropy(torch.zeros(2, 4).double(), torch.zeros(3, 4).double(), torch.zeros(2).long())
 
 
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])

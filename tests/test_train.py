@@ -137,25 +137,28 @@ def test_activation_checkpointing_recomputes_and_changes_no_number(tmp_path, mon
                            params["true"]["model.layers.0.mlp.up_proj.weight"])  # the runs did train
 
 
-def test_fused_cross_entropy_trains_as_the_plain_loss(tmp_path):
-    """trainer.fused_ce=true (liger-kernel; Triton's interpreter on CPU): the same losses and parameters
-    after 3 SGD steps (linear in the gradients) as the plain lm_head + cross-entropy. The offline corpus."""
+def test_loss_heads_train_as_the_plain_loss(tmp_path):
+    """trainer.loss_head=one_pass (llmopt's kernel) and =chunked (liger-kernel), Triton's interpreter on CPU: the
+    same losses and parameters after 3 SGD steps (linear in the gradients) as the plain lm_head + cross-entropy.
+    The offline corpus."""
     from transformers import LlamaForCausalLM
 
     base = ["model=tiny", "data.seq_len=32", "data.eval_tokens=2000", "trainer.global_batch_size=8",
             "trainer.micro_batch_size=4", "trainer.steps=3", "trainer.log_every=1", "trainer.eval_every=1000",
             "schedule=constant", "optimizer=sgd", "optimizer.lr=0.5", "checkpoint.export_hf=true"]
     params, losses = {}, {}
-    for flag in ("false", "true"):
-        run_in_process(tmp_path, [*base, f"trainer.fused_ce={flag}"], name=flag)
-        params[flag] = LlamaForCausalLM.from_pretrained(tmp_path / flag / "hf_model").state_dict()
-        losses[flag] = [r["train/loss"] for r in metrics(tmp_path / flag) if "train/loss" in r]
-    assert len(losses["true"]) == 3 and losses["true"][-1] < losses["true"][0]
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
-    for key in params["false"]:
-        torch.testing.assert_close(params["true"][key], params["false"][key], rtol=1e-4, atol=1e-6, msg=key)
+    for head in ("plain", "one_pass", "chunked"):
+        run_in_process(tmp_path, [*base, f"trainer.loss_head={head}"], name=head)
+        params[head] = LlamaForCausalLM.from_pretrained(tmp_path / head / "hf_model").state_dict()
+        losses[head] = [r["train/loss"] for r in metrics(tmp_path / head) if "train/loss" in r]
     initial = build_model(llama_config("tiny"), seed=0)
-    assert not torch.equal(initial.lm_head.weight, params["true"]["lm_head.weight"])  # the runs did train
+    for head in ("one_pass", "chunked"):
+        assert len(losses[head]) == 3 and losses[head][-1] < losses[head][0]
+        assert losses[head] == pytest.approx(losses["plain"], rel=1e-5), head
+        for key in params["plain"]:
+            torch.testing.assert_close(params[head][key], params["plain"][key], rtol=1e-4, atol=1e-6, msg=key)
+        assert not torch.equal(initial.lm_head.weight, params[head]["lm_head.weight"])  # the runs did train
+
 
 def test_rotary_table_trains_exactly_as_transformers_rotary_module(tmp_path, monkeypatch):
     """trainer.rotary_table=true (the default) never calls transformers' rotary module, and 2 AdamW steps give
@@ -253,3 +256,16 @@ def test_tiny_model_learns_the_offline_corpus_towards_its_entropy(tmp_path):
     floor = entropy_per_token(OmegaConf.to_container(compose_config([]).data, resolve=True))
     assert 3.8 < floor < 4.0
     assert floor - 0.02 < summary["eval/loss"] < floor + 0.6, (summary["eval/loss"], floor)
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_batches_reach_the_device_unchanged(device):
+    """to_device: on CUDA through a pinned copy made by numpy (asynchronous), elsewhere a plain copy."""
+    from llmopt.train.trainer import to_device
+
+    batch = {"input_ids": torch.randint(0, 32000, (4, 9)), "labels": torch.full((4, 9), -100),
+             "attention_mask": torch.ones(4, 9, dtype=torch.int64)}
+    moved = to_device(batch, torch.device(device))
+    for key, value in batch.items():
+        assert moved[key].device.type == device and moved[key].dtype == value.dtype
+        assert torch.equal(moved[key].cpu(), value), key

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from llmopt.data.config import DataConfig, parse_config
-from llmopt.data.pipeline import EvalSet, StreamSettings, TrainLoader, build_eval_set
+from llmopt.data.pipeline import BatchesAhead, EvalSet, StreamSettings, TrainLoader, build_eval_set
 from llmopt.data.sources import Source, build_source
 from llmopt.data.tokenizer import LoadedTokenizer, load_tokenizer
 
@@ -34,10 +34,11 @@ class Data:
         fingerprint = {"mode": cfg.mode, "seq_len": cfg.seq_len, "tokenizer": tok.ident,
                        "vocab_size": tok.vocab_size, "source": train_source.fingerprint,
                        "shuffle": [train_source.shuffle_buffer, train_source.shuffle_seed]}
-        self.train = TrainLoader(
+        loader = TrainLoader(
             train_source, self._settings, mode=cfg.mode, seq_len=cfg.seq_len, micro_batch_size=micro_batch_size,
             pad_id=tok.pad_id, rank=rank, world_size=world_size,
             fingerprint=hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16])
+        self.train = BatchesAhead(loader, cfg.batches_ahead)
         self.entropy_per_token: float | None = None  # the loss floor, when the corpus is synthetic
         if cfg.train.type == "synthetic":
             from llmopt.data.synthetic import SyntheticCorpus, SyntheticSpec

@@ -19,6 +19,8 @@ Keys (top level):
   data_dir        base of relative paths; null = the project root (the directory holding pyproject.toml)
   synthetic       parameters of the synthetic corpus (see llmopt.data.synthetic.SyntheticSpec)
   chunk_docs      documents per tokenization task; prefetch: tasks in flight per worker
+  batches_ahead   micro-batches assembled ahead on a background thread of the training process (0 = in the
+                  training loop); resume stays exact either way
   hub_timeout_s   how long to wait for the Hugging Face Hub before failing with a clear message
 
 A source is a mapping with `type`:
@@ -51,7 +53,7 @@ _SOURCE_KEYS = {
 }
 _TOP_KEYS = {"name", "mode", "seq_len", "tokenizer", "vocab_size", "train", "eval", "extra_eval", "eval_tokens",
              "shuffle_seed", "num_workers", "on_bad_record", "data_dir", "synthetic", "chunk_docs", "prefetch",
-             "hub_timeout_s"}
+             "batches_ahead", "hub_timeout_s"}
 _REQUIRED = ("mode", "seq_len", "tokenizer", "train", "eval")
 DATA_DIR_HINT = "data.data_dir (or the LLMOPT_DATA_DIR environment variable the local configs read)"
 
@@ -109,6 +111,7 @@ class DataConfig:
     synthetic: dict = field(default_factory=dict)
     chunk_docs: int = 64
     prefetch: int = 4
+    batches_ahead: int = 4
     hub_timeout_s: float = 10.0
 
     def resolve(self, path: str) -> Path:
@@ -222,6 +225,7 @@ def parse_config(data_cfg: Mapping) -> DataConfig:
     _int("data.num_workers", cfg.num_workers, 0)
     _int("data.chunk_docs", cfg.chunk_docs, 1)
     _int("data.prefetch", cfg.prefetch, 1)
+    _int("data.batches_ahead", cfg.batches_ahead, 0)
     if cfg.vocab_size is not None:
         _int("data.vocab_size", cfg.vocab_size, 3)
     if cfg.eval_tokens is not None:

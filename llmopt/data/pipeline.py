@@ -11,12 +11,13 @@ only the chunks c with c % W == w. The DataLoader takes results from its workers
 back in stream order. Hence:
   * no document is tokenized twice or dropped: each chunk belongs to exactly one worker;
   * the batches are the same for any num_workers (0, 2, 8, ...): a run may even resume with another count;
-  * nothing but cheap numpy batch assembly runs in the training process (no thread competing for the GIL).
+  * nothing but cheap numpy batch assembly runs in the training process, on a background thread that keeps
+    `data.batches_ahead` batches ready (BatchesAhead; 0 = assembled in the training loop's next()).
 The cost is that each worker parses (and, from the Hub, downloads) the rank's whole record stream.
 
-State: where the training loop has consumed up to, not where the workers are: (epoch, index of the next
-record in this rank's epoch stream) plus, in packed mode, the tokens left in the pack buffer. Whatever the
-workers prefetched beyond that is dropped on resume and tokenized again. Resuming re-opens the rank's stream at
+State: where the training loop has consumed up to, not where the workers or the batch thread are: (epoch, index
+of the next record in this rank's epoch stream) plus, in packed mode, the tokens left in the pack buffer. Whatever
+the workers prefetched beyond that is dropped on resume and tokenized again. Resuming re-opens the rank's stream at
 the start of that epoch (same seed, same `set_epoch`, so the same shuffled order; datasets' own state_dict
 would lose the shuffle buffer) and skips `index` records at the raw level, without tokenizing them: free for
 the synthetic corpus, ~30k records/s for local JSON lines, network-bound for the Hub.
@@ -32,9 +33,13 @@ Labels are NOT shifted (transformers shifts them inside the model).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import queue
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -308,6 +313,88 @@ class TrainLoader:
         if self._docs is not None:
             self._docs.close()
             self._docs = None
+
+
+class BatchesAhead:
+    """A TrainLoader's batches made ahead on a background thread (`depth` ready, one more waiting for room;
+    depth 0: made in the caller's next()), so that the training loop's host time goes to queueing GPU work, not
+    to receiving chunks and padding rows. Each batch travels with the loader's state after it: state_dict() is
+    the state after the last batch handed out, so resume stays exact (batches made ahead are dropped and made
+    again). The thread ends on close(), on load_state_dict(), or soon after this object is dropped."""
+
+    def __init__(self, loader: TrainLoader, depth: int):
+        if depth < 0:
+            raise ValueError(f"data.batches_ahead must be >= 0, got {depth}")
+        self.loader, self.depth = loader, depth
+        self._state = loader.state_dict()
+        self._thread: threading.Thread | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.depth == 0:
+            batch = next(self.loader)
+            self._state = self.loader.state_dict()
+            return batch
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(self.depth), threading.Event()
+            self._thread = threading.Thread(target=_make_batches, args=(self.loader, self._queue, self._stop),
+                                            daemon=True, name="llmopt-batches")  # holds no reference to self
+            self._thread.start()
+            weakref.finalize(self, self._stop.set)
+        batch, state = self._queue.get()
+        if batch is None:  # the loader raised: its state is that of the last batch queued, i.e. handed out
+            self._thread.join()
+            self._thread = None
+            raise state
+        self._state = state
+        return batch
+
+    def _halt(self) -> None:
+        """Stop the thread and rewind the loader to the last batch handed out."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.loader.load_state_dict(self._state)
+
+    @property
+    def bad_records(self) -> int:
+        return int(self._state["bad_records"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state["epoch"])
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._halt()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def close(self) -> None:
+        """Stop the thread and the workers; the next batch re-opens the stream after the last one handed out."""
+        self._halt()
+        self.loader.close()
+
+
+def _make_batches(loader: TrainLoader, out: queue.Queue, stop: threading.Event) -> None:
+    """BatchesAhead's thread: (batch, loader state after it) into `out` until `stop`; an error from the loader
+    goes into `out` after the batches made before it."""
+
+    def put(item) -> None:
+        while not stop.is_set():  # wait for room, but notice `stop` within 0.1 s
+            with contextlib.suppress(queue.Full):
+                return out.put(item, timeout=0.1)
+
+    try:
+        while not stop.is_set():
+            put((next(loader), loader.state_dict()))
+    except BaseException as error:
+        put((None, error))
 
 
 # ---- the validation set -------------------------------------------------------------------------------

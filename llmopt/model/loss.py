@@ -8,47 +8,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmopt.model.cross_entropy import kernel_runs_on, linear_cross_entropy
+
+LOSS_HEADS = ("auto", "plain", "one_pass", "chunked")
+
 
 class CausalLMLoss(nn.Module):
     """Sum of next-token cross-entropies over target tokens (labels != -100), and their count.
 
     Padding is on the right, so causal attention needs no mask: the non-pad positions see exactly
     what they would with the reference code's attention_mask, and the fast causal kernels stay on.
-    The logits are upcast to fp32 for the cross-entropy, as transformers' own loss does.
+    The softmax is in fp32 from the logits as lm_head rounds them, as transformers' own loss does.
 
-    fused_ce=True computes lm_head and the cross-entropy together in chunks of tokens (liger-kernel's
-    fused linear cross-entropy): the [tokens, vocab] logits are never held whole, which saves their
-    memory (and its traffic) when the vocabulary dwarfs the hidden size. Same loss, fp32 softmax.
+    `head` says how lm_head and the cross-entropy run (the same loss each way):
+      plain     lm_head, then F.cross_entropy on the fp32-upcast logits (torch.compile fuses the upcast)
+      one_pass  llmopt.model.cross_entropy: the logits' gradient made in the forward pass, one read and one
+                write of the [tokens, vocab] logits in all (Triton: CUDA, or CPU under TRITON_INTERPRET=1)
+      chunked   liger-kernel's fused linear cross-entropy, in chunks of tokens: the logits are never held
+                whole, which saves their memory when the vocabulary dwarfs the hidden size
+      auto      one_pass on CUDA, plain elsewhere
     """
 
-    def __init__(self, lm: nn.Module, fused_ce: bool = False):
+    def __init__(self, lm: nn.Module, head: str = "auto"):
         super().__init__()
+        if head not in LOSS_HEADS:
+            raise ValueError(f"unknown loss head {head!r} (trainer.loss_head); choose one of {list(LOSS_HEADS)}")
         self.lm = lm  # a transformers LlamaForCausalLM
-        self.fused_ce = fused_ce
-        if fused_ce:
-            self._fused = fused_linear_cross_entropy(lm.lm_head.weight.device)
+        device = lm.lm_head.weight.device
+        if head == "auto":
+            head = "one_pass" if device.type == "cuda" and kernel_runs_on(device) else "plain"
+        if head == "one_pass" and not kernel_runs_on(device):
+            raise ValueError(f"trainer.loss_head=one_pass runs a Triton kernel, which needs a CUDA device and "
+                             f"triton (the model is on {device.type}); set trainer.loss_head=plain")
+        self.head = head
+        if head == "chunked":
+            self._chunked = chunked_linear_cross_entropy(device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.lm.model(input_ids=input_ids).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
-        if self.fused_ce:
-            loss_sum = self._fused(self.lm.lm_head.weight, hidden.flatten(0, 1), targets.flatten())
-        else:
+        weight = self.lm.lm_head.weight
+        if self.head == "plain":
             logits = self.lm.lm_head(hidden)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                        reduction="sum")
+        elif self.head == "one_pass":
+            device = hidden.device.type
+            if torch.is_autocast_enabled(device):  # the matmul in the autocast dtype, as lm_head would run it
+                dtype = torch.get_autocast_dtype(device)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            loss_sum = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+        else:
+            loss_sum = self._chunked(weight, hidden.flatten(0, 1), targets.flatten())
         return loss_sum, (targets != -100).sum()
 
 
-def fused_linear_cross_entropy(device: torch.device) -> nn.Module:
+def chunked_linear_cross_entropy(device: torch.device) -> nn.Module:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"trainer.fused_ce=true runs Triton kernels, which need a CUDA device (the model is on "
-                         f"{device.type}); set trainer.fused_ce=false")
+        raise ValueError(f"trainer.loss_head=chunked runs Triton kernels, which need a CUDA device (the model is on "
+                         f"{device.type}); set trainer.loss_head=plain")
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
-        raise ImportError("trainer.fused_ce=true needs liger-kernel (pip install 'llmopt[gpu]' or "
-                          "pip install liger-kernel); or set trainer.fused_ce=false") from e
+        raise ImportError("trainer.loss_head=chunked needs liger-kernel (pip install 'llmopt[gpu]' or "
+                          "pip install liger-kernel); or set trainer.loss_head=plain") from e
     # fp32 accumulation of the lm_head gradient across chunks, as one unchunked matmul would accumulate it
     loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", accum_dtype=torch.float32)
     # its own Triton kernels, run outside torch.compile's graph (dynamo cannot trace its chunk loop)

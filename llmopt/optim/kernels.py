@@ -79,7 +79,7 @@ def require(tensors: list[torch.Tensor], who: str) -> None:
                            "(kernels where possible) or fused=False (eager)")
 
 
-def _triton_dtype(dtype: torch.dtype):
+def triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
@@ -124,7 +124,7 @@ def _by_dtype(*lists: list[torch.Tensor]):
 if triton is not None:
 
     @triton.jit
-    def _round(x, DTYPE: tl.constexpr):
+    def round_nearest(x, DTYPE: tl.constexpr):
         """fp32 -> DTYPE, rounding to nearest even. Spelled out for bf16 because Triton's interpreter
         (the CPU tests) truncates there, while the GPU rounds to nearest: this way both round alike."""
         if DTYPE == tl.bfloat16:
@@ -154,7 +154,7 @@ if triton is not None:
         """m <- lerp(m, g, weight) at tensor t's `offsets`, stored; returns the new m and g in fp32."""
         m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
         _, g = _load(g_addrs, t, offsets, mask, DTYPE)
-        m = _round(_lerp(m, g, weight), DTYPE)
+        m = round_nearest(_lerp(m, g, weight), DTYPE)
         tl.store(m_ptr + offsets, m, mask=mask)
         return m.to(tl.float32), g
 
@@ -187,11 +187,11 @@ if triton is not None:
             _, d = _load(d_addrs, t, offsets, mask, DTYPE)
         p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)  # issued before the reduction waits
         # as the eager code: the row norm and the RMS are tensors of the parameter dtype, floored at 1e-8
-        norm = _round(tl.sqrt(tl.sum(d * d, axis=1)), DTYPE).to(tl.float32)
-        rms = tl.maximum(_round(norm / sqrt_cols, DTYPE).to(tl.float32), 1e-8)
+        norm = round_nearest(tl.sqrt(tl.sum(d * d, axis=1)), DTYPE).to(tl.float32)
+        rms = tl.maximum(round_nearest(norm / sqrt_cols, DTYPE).to(tl.float32), 1e-8)
         if DECAY:
-            p = _round(p * decay, DTYPE).to(tl.float32)
-        tl.store(p_ptr + offsets, _round(p + (-lr) * (d / rms[:, None]), DTYPE), mask=mask)
+            p = round_nearest(p * decay, DTYPE).to(tl.float32)
+        tl.store(p_ptr + offsets, round_nearest(p + (-lr) * (d / rms[:, None]), DTYPE), mask=mask)
 
     @triton.jit
     def _column_update_kernel(p, d, rms, n_cols, total, lr, decay, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -201,8 +201,8 @@ if triton is not None:
         direction = tl.load(d + offsets, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(rms + offsets % n_cols, mask=mask, other=1.0).to(tl.float32)
         if DECAY:
-            x = _round(x * decay, DTYPE).to(tl.float32)
-        tl.store(p + offsets, _round(x + (-lr) * (direction / scale), DTYPE), mask=mask)
+            x = round_nearest(x * decay, DTYPE).to(tl.float32)
+        tl.store(p + offsets, round_nearest(x + (-lr) * (direction / scale), DTYPE), mask=mask)
 
     @triton.jit
     def _lerp_sumsq_kernel(m_addrs, g_addrs, partials, block_tensor, block_start, numel_of, weight,
@@ -227,13 +227,13 @@ if triton is not None:
     def _scaled_sub_kernel(p_addrs, u_addrs, factors, row_factors, n_cols, block_tensor, block_start, numel_of,
                            lr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROW_FACTORS: tl.constexpr):
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
-        factor = _round(tl.load(factors + t), DTYPE).to(tl.float32)  # eager: the factor in the parameter dtype
+        factor = round_nearest(tl.load(factors + t), DTYPE).to(tl.float32)  # eager: the factor in the parameter dtype
         p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)
         _, u = _load(u_addrs, t, offsets, mask, DTYPE)
         if ROW_FACTORS:  # one tensor; u is its rows scaled first, rounded as the eager m * row_factor
-            u = _round(u * tl.load(row_factors + offsets // n_cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+            u = round_nearest(u * tl.load(row_factors + offsets // n_cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
             u = u.to(tl.float32)
-        tl.store(p_ptr + offsets, _round(p + (-lr) * u * factor, DTYPE), mask=mask)
+        tl.store(p_ptr + offsets, round_nearest(p + (-lr) * u * factor, DTYPE), mask=mask)
 
     @triton.jit
     def _row_lerp_sumsq_kernel(m_addrs, g_addrs, row_sq, n_rows, n_cols, weight, DTYPE: tl.constexpr,
@@ -252,7 +252,7 @@ if triton is not None:
         _, p = _load(p_addrs, t, offsets, mask, DTYPE)
         prev_ptr, prev = _load(prev_addrs, t, offsets, mask, DTYPE)
         m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
-        tl.store(m_ptr + offsets, _round(gamma * m + (1.0 - gamma) * (p - prev), DTYPE), mask=mask)
+        tl.store(m_ptr + offsets, round_nearest(gamma * m + (1.0 - gamma) * (p - prev), DTYPE), mask=mask)
         tl.store(prev_ptr + offsets, p.to(DTYPE), mask=mask)  # exact: p was a DTYPE value
 
     @triton.jit
@@ -262,8 +262,8 @@ if triton is not None:
         t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
         u, g = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
         if NESTEROV:
-            u = _round(_lerp(g, u, momentum), DTYPE).to(tl.float32)
-        u = _round(u, tl.bfloat16)  # torch: the update in p's dtype, then .bfloat16()
+            u = round_nearest(_lerp(g, u, momentum), DTYPE).to(tl.float32)
+        u = round_nearest(u, tl.bfloat16)  # torch: the update in p's dtype, then .bfloat16()
         window = t.to(tl.int64) * matrix_stride + (offsets // cols) * row_stride + offsets % cols
         tl.store(stack + window, u, mask=mask)
         u = u.to(tl.float32)
@@ -274,7 +274,7 @@ if triton is not None:
         offsets, mask = _flat_block(total, BLOCK)
         x = tl.load(stack + offsets, mask=mask, other=0.0).to(tl.float32)
         divisor = tl.load(divisors + offsets // matrix_numel, mask=mask, other=1.0)
-        tl.store(stack + offsets, _round(tl.math.div_rn(x, divisor), tl.bfloat16), mask=mask)
+        tl.store(stack + offsets, round_nearest(tl.math.div_rn(x, divisor), tl.bfloat16), mask=mask)
 
 
 def _elementwise_launch(tensors: list[torch.Tensor]):
@@ -321,7 +321,7 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
             d_addrs = _addresses(group_d)
             _row_update_kernel[(len(tensor),)](
                 _addresses(group_p), d_addrs, _addresses([gs[i] for i in idx]) if momentum else d_addrs, tensor,
-                row, rows_of, n_cols, lr, decay, float(n_cols) ** 0.5, weight, DTYPE=_triton_dtype(dtype),
+                row, rows_of, n_cols, lr, decay, float(n_cols) ** 0.5, weight, DTYPE=triton_dtype(dtype),
                 ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0, MOMENTUM=momentum, num_warps=warps)
 
 
@@ -331,7 +331,7 @@ def column_normalized_update_(param: torch.Tensor, direction: torch.Tensor, rms:
     (SCALE's embedding: its output units are columns), rounded as the eager mul_ and addcdiv_."""
     total = param.numel()
     _column_update_kernel[(triton.cdiv(total, ELEMENTS_PER_PROGRAM),)](
-        param, direction, rms.contiguous(), param.size(1), total, lr, decay, DTYPE=_triton_dtype(param.dtype),
+        param, direction, rms.contiguous(), param.size(1), total, lr, decay, DTYPE=triton_dtype(param.dtype),
         BLOCK=ELEMENTS_PER_PROGRAM, DECAY=decay != 1.0, num_warps=ELEMENT_WARPS)
 
 
@@ -342,7 +342,7 @@ def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: 
         grid, tensor, start, first, counts, numel = _elementwise_launch(ms)
         partials = torch.empty(grid[0], dtype=torch.float32, device=ms[0].device)
         _lerp_sumsq_kernel[grid](_addresses(ms), _addresses(gs), partials, tensor, start, numel, weight,
-                                 DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)
+                                 DTYPE=triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)
         out = _segment_sums(partials, first, counts)
         if len(idx) == len(momenta):
             return out
@@ -360,7 +360,7 @@ def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors
         for i, (p, u, rf) in enumerate(zip(params, updates, row_factors)):
             grid, tensor, start, _, _, numel = _elementwise_launch([p])
             _scaled_sub_kernel[grid](_addresses([p]), _addresses([u]), factors[i:i + 1].float(), rf.contiguous(),
-                                     p.size(1), tensor, start, numel, lr, DTYPE=_triton_dtype(p.dtype),
+                                     p.size(1), tensor, start, numel, lr, DTYPE=triton_dtype(p.dtype),
                                      BLOCK=ELEMENTS_PER_PROGRAM, ROW_FACTORS=True, num_warps=ELEMENT_WARPS)
         return
     for dtype, (ps, us), idx in _by_dtype(params, updates):
@@ -369,7 +369,7 @@ def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors
                                                                                       factors.device)]
         group_factors = group_factors.float().contiguous()
         _scaled_sub_kernel[grid](_addresses(ps), _addresses(us), group_factors, group_factors, 1, tensor, start,
-                                 numel, lr, DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
+                                 numel, lr, DTYPE=triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
                                  ROW_FACTORS=False, num_warps=ELEMENT_WARPS)
 
 
@@ -381,7 +381,7 @@ def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -
     row_sq = torch.empty(n_rows, dtype=torch.float32, device=momentum.device)
     _row_lerp_sumsq_kernel[(triton.cdiv(n_rows, rows_per_program),)](
         _addresses([momentum]), _addresses([grad]), row_sq, n_rows, n_cols, weight,
-        DTYPE=_triton_dtype(momentum.dtype), ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+        DTYPE=triton_dtype(momentum.dtype), ROWS=rows_per_program, BLOCK=block, num_warps=warps)
     return row_sq
 
 
@@ -391,7 +391,7 @@ def ema_momentum_(momenta: list[torch.Tensor], prev: list[torch.Tensor], params:
     for dtype, (ms, prevs, ps), _ in _by_dtype(momenta, prev, params):
         grid, tensor, start, _, _, numel = _elementwise_launch(ps)
         _ema_momentum_kernel[grid](_addresses(ms), _addresses(prevs), _addresses(ps), tensor, start, numel,
-                                   gamma, DTYPE=_triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
+                                   gamma, DTYPE=triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
                                    num_warps=ELEMENT_WARPS)
 
 
@@ -404,7 +404,7 @@ def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: t
     partials = torch.empty(grid[0], dtype=torch.float32, device=stack.device)
     _muon_stack_kernel[grid](_addresses(momenta), _addresses(grads), stack, partials, tensor, start, numel,
                              momenta[0].size(1), stack.stride(0), stack.stride(1), 1 - momentum, momentum,
-                             DTYPE=_triton_dtype(momenta[0].dtype), NESTEROV=nesterov, BLOCK=ELEMENTS_PER_PROGRAM,
+                             DTYPE=triton_dtype(momenta[0].dtype), NESTEROV=nesterov, BLOCK=ELEMENTS_PER_PROGRAM,
                              num_warps=ELEMENT_WARPS)
     return _segment_sums(partials, first, counts)
 

@@ -31,7 +31,7 @@ log = logging.getLogger("llmopt")
 # SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
-TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "fused_ce", "rotary_table")
+TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "loss_head", "rotary_table")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -134,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     # -- build --------------------------------------------------------------------------------------
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
     checkpoint_activations = bool(cfg.trainer.get("activation_checkpointing", False))
-    fused_ce = bool(cfg.trainer.get("fused_ce", False))
+    loss_head = str(cfg.trainer.get("loss_head", "auto"))
     rotary_table = bool(cfg.trainer.get("rotary_table", True))
 
     def build():
@@ -148,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        loss_model = CausalLMLoss(model, fused_ce=fused_ce)
+        loss_model = CausalLMLoss(model, head=loss_head)
         if cfg.trainer.compile:
             loss_model = torch.compile(loss_model)
         return model, accelerator.prepare_model(loss_model)
@@ -157,7 +157,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
         model, loss_model = build()
     else:
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
-               tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, fused_ce, rotary_table,
+               tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, loss_head, rotary_table,
                str(accelerator.device), accelerator.num_processes)
         model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
