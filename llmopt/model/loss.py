@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,12 +35,13 @@ class CausalLMLoss(nn.Module):
         device = lm.lm_head.weight.device
         if head == "auto":
             head = "one_pass" if device.type == "cuda" and kernel_runs_on(device) else "plain"
-        if head == "one_pass" and not kernel_runs_on(device):
-            raise ValueError(f"trainer.loss_head=one_pass runs a Triton kernel, which needs a CUDA device and "
-                             f"triton (the model is on {device.type}); set trainer.loss_head=plain")
+        if head != "plain" and not kernel_runs_on(device):
+            raise ValueError(f"trainer.loss_head={head} runs Triton kernels, which need triton and a CUDA device "
+                             f"(the model is on {device.type}; CPU only under TRITON_INTERPRET=1); set "
+                             f"trainer.loss_head=plain")
         self.head = head
         if head == "chunked":
-            self._chunked = chunked_linear_cross_entropy(device)
+            self._chunked = chunked_linear_cross_entropy()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.lm.model(input_ids=input_ids).last_hidden_state[:, :-1]
@@ -63,10 +62,7 @@ class CausalLMLoss(nn.Module):
         return loss_sum, (targets != -100).sum()
 
 
-def chunked_linear_cross_entropy(device: torch.device) -> nn.Module:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"trainer.loss_head=chunked runs Triton kernels, which need a CUDA device (the model is on "
-                         f"{device.type}); set trainer.loss_head=plain")
+def chunked_linear_cross_entropy() -> nn.Module:
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as e:
