@@ -1,13 +1,15 @@
 """Where the time of a compiled training step goes, for the model alone.
 
-For each variant (micro-batch x loss head x rotary embedding x compile mode): the flavor's LlamaForCausalLM in pure
-bf16 inside llmopt's CausalLMLoss (rotary "table": llmopt's RotaryTable, as the trainer runs it; "hf":
-transformers' module), torch.compile'd, fused AdamW, random tokens (no data pipeline, no trainer): tokens/s and MFU
-(median step), peak memory and compile time. With --profile, torch.profiler on a few steps of each variant splits
-the GPU time by kernel kind (matmul, attention, Triton-generated, optimizer, other) and gives the GPU's busy
-fraction of the wall time (below 100%: the host does not keep it fed).
+For each variant (micro-batch x loss head x rotary embedding x attention x compile mode): the flavor's
+LlamaForCausalLM in pure bf16 inside llmopt's CausalLMLoss (rotary "table": llmopt's RotaryTable, as the trainer runs
+it; "hf": transformers' module; attention as trainer.attention: "sdpa" or "transformers"), torch.compile'd,
+fused AdamW, random tokens (no data pipeline, no trainer): tokens/s and MFU (median step), peak memory and compile
+time. With --profile, torch.profiler on a few steps of each variant splits the GPU time by kernel kind (matmul,
+attention, Triton-generated, optimizer, other) and gives the GPU's busy fraction of the wall time (below 100%: the
+host does not keep it fed).
 
 Usage: python scripts/profile_step.py --flavor 60m --micro 64 128 256 --heads plain one_pass chunked [--rotary table hf]
+       [--attention sdpa transformers]
        [--modes default] [--profile] [--out results.jsonl]
 """
 
@@ -59,10 +61,11 @@ def profile_breakdown(step, steps: int = 3) -> dict:
             "top_kernels_ms": {k: round(v, 2) for k, v in top}}
 
 
-def run_variant(flavor: str, micro: int, head: str, rotary: str, mode: str, seq: int, steps: int,
+def run_variant(flavor: str, micro: int, head: str, rotary: str, attention: str, mode: str, seq: int, steps: int,
                 profile: bool) -> dict:
     from llmopt.metrics.throughput import peak_flops
     from llmopt.model import build_model, flops_per_token, llama_config, use_rotary_table
+    from llmopt.model.attention import use_attention
     from llmopt.model.loss import CausalLMLoss
 
     device = torch.device("cuda")
@@ -72,6 +75,7 @@ def run_variant(flavor: str, micro: int, head: str, rotary: str, mode: str, seq:
     model = build_model(config, device=device, dtype=torch.bfloat16)
     if rotary == "table":
         use_rotary_table(model)
+    use_attention(model, attention)
     loss_model = torch.compile(CausalLMLoss(model, head=head),
                                mode=None if mode == "default" else mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -95,7 +99,8 @@ def run_variant(flavor: str, micro: int, head: str, rotary: str, mode: str, seq:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     tok_s = micro * seq / statistics.median(times)
-    row = {"flavor": flavor, "micro": micro, "head": head, "rotary": rotary, "mode": mode, "tok_s": round(tok_s),
+    row = {"flavor": flavor, "micro": micro, "head": head, "rotary": rotary, "attention": attention,
+           "mode": mode, "tok_s": round(tok_s),
            "mfu": round(tok_s * flops_per_token(config, seq) / peak_flops(device), 3),
            "step_ms": round(statistics.median(times) * 1e3, 2), "compile_s": round(compile_s, 1),
            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
@@ -111,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", nargs="+", default=["plain", "one_pass"], choices=["plain", "one_pass", "chunked"],
                     help="how lm_head + cross-entropy run (llmopt.model.loss.CausalLMLoss)")
     ap.add_argument("--rotary", nargs="+", default=["table"], choices=["table", "hf"])
+    ap.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "transformers"],
+                    help="SDPA with is_causal, or transformers' masks (trainer.attention)")
     ap.add_argument("--modes", nargs="+", default=["default"],
                     help="torch.compile modes: default, max-autotune-no-cudagraphs, reduce-overhead, ...")
     ap.add_argument("--seq", type=int, default=256)
@@ -122,24 +129,24 @@ def main(argv=None) -> int:
         raise SystemExit("profile_step.py needs a CUDA device")
 
     rows = []
-    variants = itertools.product(args.modes, args.micro, args.heads, args.rotary)
-    for mode, micro, head, rotary in variants:
+    variants = itertools.product(args.modes, args.micro, args.heads, args.rotary, args.attention)
+    for mode, micro, head, rotary, attention in variants:
         try:
-            row = run_variant(args.flavor, micro, head, rotary, mode, args.seq, args.steps, args.profile)
+            row = run_variant(args.flavor, micro, head, rotary, attention, mode, args.seq, args.steps, args.profile)
         except Exception as e:  # recorded, and the other variants still run (e.g. out of memory)
             torch.cuda.empty_cache()
-            row = {"flavor": args.flavor, "micro": micro, "head": head, "rotary": rotary, "mode": mode,
-                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            row = {"flavor": args.flavor, "micro": micro, "head": head, "rotary": rotary, "attention": attention,
+                   "mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         torch.cuda.empty_cache()  # the variant's model is gone with its frame
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\n{'flavor':6} {'micro':>5} {'head':8} {'rotary':6} {'mode':26} {'tok/s':>10} {'MFU':>5} {'peak GB':>7} "
-          f"{'busy':>5}")
+    print(f"\n{'flavor':6} {'micro':>5} {'head':8} {'rotary':6} {'attn':6} {'mode':26} {'tok/s':>10} {'MFU':>5} "
+          f"{'peak GB':>7} {'busy':>5}")
     for r in rows:
-        name = f"{r['flavor']:6} {r['micro']:5} {r['head']:8} {r['rotary']:6} {r['mode']:26}"
+        name = f"{r['flavor']:6} {r['micro']:5} {r['head']:8} {r['rotary']:6} {r['attention']:6} {r['mode']:26}"
         if "error" in r:
             print(f"{name} failed: {r['error'][:60]}")
             continue

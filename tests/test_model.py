@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmopt.model import FLAVORS, build_model, flops_per_token, llama_config, param_counts
+from llmopt.model.attention import causal_rows, use_attention
 from llmopt.model.loss import CausalLMLoss
 from llmopt.model.rotary import RotaryTable, use_rotary_table
 
@@ -174,3 +175,67 @@ def test_rotary_table_leaves_scaled_rope_types_to_transformers():
     model = build_model(config)
     rotary = model.model.rotary_emb
     assert use_rotary_table(model).model.rotary_emb is rotary
+
+
+def _compiled_sdpa_calls(model, input_ids):
+    """The loss of CausalLMLoss run through torch.compile (dynamo, as in training), and (mask tensor given?,
+    is_causal) for each SDPA call in the traced graph."""
+    calls = []
+
+    def backend(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.target is torch.nn.functional.scaled_dot_product_attention:
+                mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                calls.append((mask is not None, node.kwargs.get("is_causal")))
+        return graph_module
+
+    torch._dynamo.reset()
+    loss_sum, _ = torch.compile(CausalLMLoss(model, head="plain"), backend=backend)(input_ids, input_ids)
+    return loss_sum, calls
+
+
+def test_sdpa_attention_stays_causal_without_a_mask_tensor_under_compile():
+    """transformers materializes the causal mask while torch.compile traces it; trainer.attention=sdpa (the
+    default) keeps SDPA on is_causal there, and the loss is the same."""
+    config = llama_config("tiny", vocab_size=300)
+    input_ids = torch.randint(0, 300, (2, 24))
+    losses = {}
+    for attention in ("transformers", "sdpa"):
+        model = use_attention(build_model(config, seed=1), attention)
+        losses[attention], calls = _compiled_sdpa_calls(model, input_ids)
+        if attention == "sdpa":
+            assert calls == [(False, True)] * config.num_hidden_layers
+            assert model.config._attn_implementation == "llmopt_sdpa"
+        else:
+            assert causal_rows(model, input_ids) is None and model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(losses["sdpa"], losses["transformers"], rtol=1e-5, atol=0)
+
+
+def test_sdpa_attention_gives_transformers_outputs_and_gradients():
+    """The trainer's causal rows, and a padded batch (transformers' own mask path), as transformers computes them."""
+    config = llama_config("tiny", vocab_size=300)
+    input_ids = torch.randint(0, 300, (3, 20))
+    padding = torch.ones_like(input_ids)
+    padding[0, 15:] = 0
+    results = {}
+    for attention in ("transformers", "sdpa"):
+        model = use_attention(build_model(config, seed=1), attention)
+        loss_sum, _ = CausalLMLoss(model, head="plain")(input_ids, input_ids)
+        loss_sum.backward()
+        padded = model(input_ids=input_ids, attention_mask=padding).logits
+        results[attention] = (loss_sum, {n: p.grad for n, p in model.named_parameters()}, padded)
+    (loss, grads, padded), (ref_loss, ref_grads, ref_padded) = results["sdpa"], results["transformers"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(padded, ref_padded, rtol=1e-5, atol=1e-6)
+    # the padding mask was applied, not dropped: it changes the padded positions of the first row only
+    with torch.no_grad():
+        unpadded = use_attention(build_model(config, seed=1), "sdpa")(input_ids=input_ids).logits
+    assert not torch.allclose(padded[0, 15:], unpadded[0, 15:], atol=1e-3)
+    torch.testing.assert_close(padded[1:], unpadded[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_attention_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"unknown attention 'flash' \(trainer.attention\).*'sdpa', 'transformers'"):
+        use_attention(build_model(llama_config("micro")), "flash")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmopt.model.attention import causal_rows
 from llmopt.model.cross_entropy import kernel_runs_on, linear_cross_entropy
 
 LOSS_HEADS = ("auto", "plain", "one_pass", "chunked")
@@ -44,7 +45,9 @@ class CausalLMLoss(nn.Module):
             self._chunked = chunked_linear_cross_entropy()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.lm.model(input_ids=input_ids).last_hidden_state[:, :-1]
+        # each row is one causal sequence: with llmopt's attention (use_attention), said so explicitly
+        rows = causal_rows(self.lm, input_ids)
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=rows).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         weight = self.lm.lm_head.weight
         if self.head == "plain":

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
+from llmopt.model.attention import use_attention
 from llmopt.model.loss import CausalLMLoss
 from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
@@ -31,7 +32,8 @@ log = logging.getLogger("llmopt")
 # SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
-TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "loss_head", "rotary_table")
+TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "loss_head", "rotary_table",
+                     "attention")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -136,11 +138,13 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     checkpoint_activations = bool(cfg.trainer.get("activation_checkpointing", False))
     loss_head = str(cfg.trainer.get("loss_head", "auto"))
     rotary_table = bool(cfg.trainer.get("rotary_table", True))
+    attention = str(cfg.trainer.get("attention", "sdpa"))
 
     def build():
         model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
         if rotary_table:
             use_rotary_table(model)
+        use_attention(model, attention)
         if checkpoint_activations:
             # recompute each decoder layer's activations in the backward pass: memory for time (large
             # flavors on one GPU); non-reentrant, which torch.compile and no_sync accumulation support
@@ -158,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     else:
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
                tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, loss_head, rotary_table,
-               str(accelerator.device), accelerator.num_processes)
+               attention, str(accelerator.device), accelerator.num_processes)
         model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,
