@@ -160,6 +160,30 @@ def test_loss_heads_train_as_the_plain_loss(tmp_path):
         assert not torch.equal(initial.lm_head.weight, params[head]["lm_head.weight"])  # the runs did train
 
 
+def test_unknown_attention_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown attention 'flash' \(trainer.attention\)"):
+        run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=1", "trainer.attention=flash"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_attention_choices_train_alike(tmp_path):
+    """trainer.attention=sdpa (the default; is_causal) and =transformers (its own mask): the same losses and
+    parameters after 2 AdamW steps, fp32 on CPU."""
+    from transformers import LlamaForCausalLM
+
+    base = [*C4_SMALL, "trainer.steps=2", "schedule=constant", "optimizer=adamw", "optimizer.lr=1e-2",
+            "checkpoint.export_hf=true"]
+    assert compose_config(base).trainer.attention == "sdpa"
+    params, losses = {}, {}
+    for attention in ("sdpa", "transformers"):
+        run_in_process(tmp_path, [*base, f"trainer.attention={attention}"], name=attention)
+        params[attention] = LlamaForCausalLM.from_pretrained(tmp_path / attention / "hf_model").state_dict()
+        losses[attention] = [r["train/loss"] for r in metrics(tmp_path / attention) if "train/loss" in r]
+    assert len(losses["sdpa"]) == 2 and losses["sdpa"] == pytest.approx(losses["transformers"], rel=1e-5)
+    for key, value in params["transformers"].items():
+        torch.testing.assert_close(params["sdpa"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_rotary_table_trains_exactly_as_transformers_rotary_module(tmp_path, monkeypatch):
     """trainer.rotary_table=true (the default) never calls transformers' rotary module, and 2 AdamW steps give
     the same losses and parameters, bit for bit, as the run with it."""

@@ -4,9 +4,9 @@ transformers cannot tell, while torch.compile traces the model, that a batch wit
 plain causal: it materializes the causal mask (and, from the position ids it makes itself, a packed-sequence
 mask) and hands SDPA a [batch, 1, seq, seq] mask tensor with is_causal=False, which keeps SDPA's kernels off
 their causal path (cuDNN's on the H100: 5.8 ms of attention per 60M micro-batch against 3.4 ms with is_causal,
-benchmarks/RESULTS.md). CausalLMLoss knows
-that every row is one causal sequence and says so with `causal_rows`; the attention function registered here
-reads it as SDPA's is_causal. Padding masks and caches take transformers' own path, unchanged.
+benchmarks/RESULTS.md). CausalLMLoss knows that every row is one causal sequence and says so with `causal_rows`;
+the attention function registered here reads it as SDPA's is_causal. Padding masks and caches take
+transformers' own path, unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import torch
 
 ATTENTIONS = ("sdpa", "transformers")
 _NAME = "llmopt_sdpa"  # the attention function's name in transformers' registries
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r} (trainer.attention); choose one of {list(ATTENTIONS)}")
 
 
 def causal_rows(model: torch.nn.Module, like: torch.Tensor) -> torch.Tensor | None:
@@ -41,8 +46,7 @@ def use_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
     With sdpa, other masks (padding, a cache) run transformers' SDPA path with its own mask."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    if attention not in ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r} (trainer.attention); choose one of {list(ATTENTIONS)}")
+    check_attention(attention)
     if attention == "sdpa":
         AttentionInterface.register(_NAME, _sdpa_attention)
         AttentionMaskInterface.register(_NAME, sdpa_mask)

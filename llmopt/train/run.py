@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
-from llmopt.model.attention import use_attention
+from llmopt.model.attention import check_attention, use_attention
 from llmopt.model.loss import CausalLMLoss
 from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
@@ -119,6 +119,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     # -- validate ---------------------------------------------------------------------------------
     tcfg = trainer_config(cfg)
     opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
+    check_attention(str(cfg.trainer.get("attention", "sdpa")))  # before anything is built
     accelerator = build_accelerator(tcfg.precision, cfg.trainer.device)
     tcfg.accumulation(accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
