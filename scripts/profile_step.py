@@ -143,10 +143,10 @@ def main(argv=None) -> int:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\n{'flavor':6} {'micro':>5} {'head':8} {'rotary':6} {'attn':6} {'mode':26} {'tok/s':>10} {'MFU':>5} "
+    print(f"\n{'flavor':6} {'micro':>5} {'head':8} {'rotary':6} {'attention':12} {'mode':26} {'tok/s':>10} {'MFU':>5} "
           f"{'peak GB':>7} {'busy':>5}")
     for r in rows:
-        name = f"{r['flavor']:6} {r['micro']:5} {r['head']:8} {r['rotary']:6} {r['attention']:6} {r['mode']:26}"
+        name = f"{r['flavor']:6} {r['micro']:5} {r['head']:8} {r['rotary']:6} {r['attention']:12} {r['mode']:26}"
         if "error" in r:
             print(f"{name} failed: {r['error'][:60]}")
             continue
