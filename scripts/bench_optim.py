@@ -19,16 +19,21 @@ work: pre_forward reads p, m and writes p; after the base step it reads p, prev,
 MuonWithAdamW as trained (BatchedMuon: Newton-Schulz batched over same-shape matrices), "muon_torch_old"
 the same with torch.optim.Muon (the old path, `batched=False`); the "x torchMuon" column is their ratio.
 
+`--launch NAME=VALUE[,NAME=VALUE]` (repeatable) times each case again under other launch shapes of the Triton
+kernels (the constants at the top of llmopt/optim/kernels.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
+a launch sweep on a new device in one run, each extra row named "case[NAME=VALUE]" (device time only).
+
 Without CUDA it times on the CPU (wall clock, no bandwidth or floors): a smoke test, e.g.
   python scripts/bench_optim.py --flavor tiny --cases muon muon_torch_old --steps 3
 
 Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--cases ...] [--steps 15] [--out results.json]
-       [--profile]
+       [--profile] [--launch NAME=VALUE[,NAME=VALUE] ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -37,7 +42,7 @@ import time
 import torch
 
 from llmopt.model import build_model, llama_config
-from llmopt.optim import build_optimizer, state_bytes
+from llmopt.optim import build_optimizer, kernels, state_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -107,6 +112,38 @@ CASES = {
 }
 
 
+LAUNCH_CONSTANTS = ("ELEMENTS_PER_PROGRAM", "ELEMENT_WARPS", "ROW_ELEMENTS_PER_PROGRAM", "ROW_WARPS", "LONG_ROW",
+                    "LONG_ROW_WARPS")
+
+
+def parse_launch(text: str) -> dict[str, int]:
+    """"ROW_WARPS=8,ELEMENTS_PER_PROGRAM=4096" -> {"ROW_WARPS": 8, ...}: launch constants of llmopt.optim.kernels,
+    each a power of two (Triton's block sizes and warp counts must be)."""
+    shapes = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in LAUNCH_CONSTANTS:
+            raise ValueError(f"unknown launch constant {name!r} in --launch {text!r}; "
+                             f"known: {', '.join(LAUNCH_CONSTANTS)}")
+        if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+            raise ValueError(f"--launch {text!r}: {name} must be a power of two, got {value!r}")
+        shapes[name] = int(value)
+    return shapes
+
+
+@contextlib.contextmanager
+def launch_shapes(shapes: dict[str, int]):
+    """The Triton kernels launched with these constants inside the block; the module's own afterwards."""
+    before = {name: getattr(kernels, name) for name in shapes}
+    try:
+        for name, value in shapes.items():
+            setattr(kernels, name, value)
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(kernels, name, value)
+
+
 def floor_bytes(case: str, n: int, n_head: int, b: int) -> float | None:
     if case.startswith("adamw"):
         return 7 * n * b
@@ -137,7 +174,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=15, help="timed steps per case (after 3 warm-up steps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print each case's kernels by device time")
+    ap.add_argument("--launch", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="time each case again with these launch constants of llmopt.optim.kernels (repeatable)")
     args = ap.parse_args(argv)
+    try:  # bad input refused before any work
+        launches = [(text, parse_launch(text)) for text in args.launch]
+    except ValueError as err:
+        ap.error(str(err))
     cuda = torch.cuda.is_available()
     if not cuda:
         print("no CUDA device: timing on the CPU (wall clock; no bandwidth, no floors)", file=sys.stderr)
@@ -173,17 +216,23 @@ def main(argv=None) -> int:
                    "wall_s": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            for text, shapes in launches:  # the same optimizer and state, other launch shapes
+                with launch_shapes(shapes):
+                    seconds = time_steps(opt, steps=args.steps, cuda=cuda, host_ahead=cuda)
+                rows.append({**row, "case": f"{case}[{text}]", "step_ms": None if cuda else seconds * 1e3,
+                             "device_ms": seconds * 1e3 if cuda else None, "wall_s": None})
+                print(json.dumps(rows[-1]), flush=True)
             del opt, model, params
             if cuda:
                 torch.cuda.empty_cache()
     by = {(r["case"], r["dtype"]): r for r in rows}
     for r in rows:
         base = by.get(("adamw_fused", r["dtype"]))
-        r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base else None
+        r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base and r["step_ms"] else None
         r["device_x_fused_adamw"] = r["device_ms"] / base["device_ms"] if base and r["device_ms"] else None
         old_muon = by.get(("muon_torch_old", r["dtype"]))
         muon = old_muon and r["case"] == "muon"
-        r["x_torch_muon"] = r["step_ms"] / old_muon["step_ms"] if muon else None
+        r["x_torch_muon"] = r["step_ms"] / old_muon["step_ms"] if muon and r["step_ms"] else None
         r["device_x_torch_muon"] = r["device_ms"] / old_muon["device_ms"] if muon and r["device_ms"] else None
         own = r["device_ms"] or r["step_ms"]
         if r["case"].startswith("ema_nesterov") and base:
@@ -200,7 +249,7 @@ def main(argv=None) -> int:
     def fmt(value, spec):
         return format(value, spec) if value else "-"
     for r in rows:
-        print(f"{r['case']:28} {r['dtype']:5} {r['step_ms']:9.2f} {fmt(r['device_ms'], '9.2f'):>9} "
+        print(f"{r['case']:28} {r['dtype']:5} {fmt(r['step_ms'], '9.2f'):>9} {fmt(r['device_ms'], '9.2f'):>9} "
               f"{fmt(r['x_fused_adamw'], '.2f'):>12} {fmt(r['device_x_fused_adamw'], '.2f'):>8} "
               f"{fmt(r['x_torch_muon'], '.3f'):>11} {fmt(r['device_x_torch_muon'], '.3f'):>8} "
               f"{fmt(r['floor_ms'], '.2f'):>9} "

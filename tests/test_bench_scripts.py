@@ -1,18 +1,21 @@
 """The benchmark scripts' own logic, on the CPU: bench_train's case syntax, bench_memory's accounting,
-profile_step's kernel kinds."""
+profile_step's kernel kinds, bench_optim's launch-shape sweeps."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_memory  # noqa: E402
+import bench_optim  # noqa: E402
 import bench_train  # noqa: E402
 import profile_step  # noqa: E402
 
@@ -63,3 +66,62 @@ def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
     monkeypatch.setattr(profile_step.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         profile_step.main(["--flavor", "micro"])
+
+
+def test_bench_optim_launch_shapes_change_the_launch_not_the_result(capsys):
+    """A sweep is only a fair comparison if the optimizer computes the same thing under every launch shape:
+    SCALE + EMA-Nesterov and SGD-LL (every Triton kernel they use) with tiny blocks and one warp equal the
+    default shapes' results up to fp32 summation order, and the module's constants come back afterwards."""
+    from llmopt.model import build_model, llama_config
+    from llmopt.optim import build_optimizer, kernels
+
+    assert kernels.available([torch.zeros(1)]), "the kernels must run here (TRITON_INTERPRET=1 on CPU: conftest.py)"
+    shapes = bench_optim.parse_launch("ROW_ELEMENTS_PER_PROGRAM=64,ROW_WARPS=1,LONG_ROW=16,LONG_ROW_WARPS=2,"
+                                      "ELEMENTS_PER_PROGRAM=128,ELEMENT_WARPS=1")
+    defaults = {name: getattr(kernels, name) for name in bench_optim.LAUNCH_CONSTANTS}
+    assert all(defaults[name] != value for name, value in shapes.items())  # every constant really changes
+
+    def train(name, **hparams):
+        model = build_model(llama_config("micro"), seed=0)
+        opt = build_optimizer(model, name, fused=True, **hparams)
+        for t in range(3):
+            if hasattr(opt, "pre_forward"):
+                opt.pre_forward()
+            gen = torch.Generator().manual_seed(t)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    cases = [("scale", {"lr": 1e-2, "adam_lr": 1e-2, "lookahead": {"beta": 0.5, "gamma": 0.9, "fused": True}}),
+             ("sgd_ll", {"lr": 100.0})]
+    for name, hparams in cases:
+        start = [p.detach().clone() for p in build_model(llama_config("micro"), seed=0).parameters()]
+        default = train(name, **hparams)
+        with bench_optim.launch_shapes(shapes):
+            assert {n: getattr(kernels, n) for n in shapes} == shapes
+            swept = train(name, **hparams)
+        assert {n: getattr(kernels, n) for n in defaults} == defaults
+        for a, b in zip(default, swept):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        assert any(not torch.equal(a, p0) for a, p0 in zip(default, start)), f"{name} did not move"
+
+    with pytest.raises(RuntimeError, match="inside"):  # restored when the timed block fails too
+        with bench_optim.launch_shapes(shapes):
+            raise RuntimeError("inside")
+    assert {n: getattr(kernels, n) for n in defaults} == defaults
+
+
+def test_bench_optim_launch_rows_and_bad_launch_input(capsys, tmp_path):
+    out = tmp_path / "optim.json"
+    assert bench_optim.main(["--flavor", "micro", "--dtypes", "fp32", "--cases", "adamw_fused", "scale", "--steps",
+                             "1", "--launch", "ROW_WARPS=8", "--out", str(out)]) == 0
+    cases = [r["case"] for r in json.loads(out.read_text())["rows"]]
+    assert cases == ["adamw_fused", "adamw_fused[ROW_WARPS=8]", "scale", "scale[ROW_WARPS=8]"]
+    assert "scale[ROW_WARPS=8]" in capsys.readouterr().out
+    for bad, message in (("ROW_WARP=8", "unknown launch constant 'ROW_WARP'.*known: ELEMENTS_PER_PROGRAM"),
+                         ("ROW_WARPS=6", "ROW_WARPS must be a power of two, got '6'")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_optim.main(["--flavor", "micro", "--launch", bad])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
