@@ -33,11 +33,11 @@ Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--cases
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -112,36 +112,24 @@ CASES = {
 }
 
 
-LAUNCH_CONSTANTS = ("ELEMENTS_PER_PROGRAM", "ELEMENT_WARPS", "ROW_ELEMENTS_PER_PROGRAM", "ROW_WARPS", "LONG_ROW",
-                    "LONG_ROW_WARPS")
-
-
 def parse_launch(text: str) -> dict[str, int]:
     """"ROW_WARPS=8,ELEMENTS_PER_PROGRAM=4096" -> {"ROW_WARPS": 8, ...}: launch constants of llmopt.optim.kernels,
     each a power of two (Triton's block sizes and warp counts must be)."""
     shapes = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name not in LAUNCH_CONSTANTS:
+        if name not in kernels.LAUNCH_CONSTANTS:
             raise ValueError(f"unknown launch constant {name!r} in --launch {text!r}; "
-                             f"known: {', '.join(LAUNCH_CONSTANTS)}")
+                             f"known: {', '.join(kernels.LAUNCH_CONSTANTS)}")
         if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
             raise ValueError(f"--launch {text!r}: {name} must be a power of two, got {value!r}")
         shapes[name] = int(value)
     return shapes
 
 
-@contextlib.contextmanager
 def launch_shapes(shapes: dict[str, int]):
-    """The Triton kernels launched with these constants inside the block; the module's own afterwards."""
-    before = {name: getattr(kernels, name) for name in shapes}
-    try:
-        for name, value in shapes.items():
-            setattr(kernels, name, value)
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(kernels, name, value)
+    """A context in which the Triton kernels launch with these constants (the module's own restored after it)."""
+    return mock.patch.multiple(kernels, **shapes)
 
 
 def floor_bytes(case: str, n: int, n_head: int, b: int) -> float | None:

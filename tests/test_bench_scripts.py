@@ -68,7 +68,7 @@ def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
         profile_step.main(["--flavor", "micro"])
 
 
-def test_bench_optim_launch_shapes_change_the_launch_not_the_result(capsys):
+def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     """A sweep is only a fair comparison if the optimizer computes the same thing under every launch shape:
     SCALE + EMA-Nesterov and SGD-LL (every Triton kernel they use) with tiny blocks and one warp equal the
     default shapes' results up to fp32 summation order, and the module's constants come back afterwards."""
@@ -78,7 +78,7 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result(capsys):
     assert kernels.available([torch.zeros(1)]), "the kernels must run here (TRITON_INTERPRET=1 on CPU: conftest.py)"
     shapes = bench_optim.parse_launch("ROW_ELEMENTS_PER_PROGRAM=64,ROW_WARPS=1,LONG_ROW=16,LONG_ROW_WARPS=2,"
                                       "ELEMENTS_PER_PROGRAM=128,ELEMENT_WARPS=1")
-    defaults = {name: getattr(kernels, name) for name in bench_optim.LAUNCH_CONSTANTS}
+    defaults = {name: getattr(kernels, name) for name in kernels.LAUNCH_CONSTANTS}
     assert all(defaults[name] != value for name, value in shapes.items())  # every constant really changes
 
     def train(name, **hparams):

@@ -35,13 +35,16 @@ except ImportError:  # CPU-only installs without triton: the optimizers use thei
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# launch shapes, measured on an H100 (scripts/bench_optim.py; benchmarks/RESULTS.md)
+# launch shapes, measured on an H100 (scripts/bench_optim.py; benchmarks/RESULTS.md, which has an H200 sweep too)
 ELEMENTS_PER_PROGRAM, ELEMENT_WARPS = 2048, 4      # element-wise kernels
 # row kernel: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; warps from launch sweeps on the
 # 1B and 7B shapes (bf16): ROW_WARPS for rows padded to at most LONG_ROW elements (2048-wide: 77% of the floor
 # against 71-74% with 8 warps; 4096-wide: 81% against 77% with 16), LONG_ROW_WARPS beyond (5461-wide: 66-72%
 # against 45% with 16; 11008-wide: 71% against 62% with 16)
 ROW_ELEMENTS_PER_PROGRAM, ROW_WARPS, LONG_ROW, LONG_ROW_WARPS = 2048, 4, 4096, 32
+# the constants above that a launch sweep may change (scripts/bench_optim.py --launch)
+LAUNCH_CONSTANTS = ("ELEMENTS_PER_PROGRAM", "ELEMENT_WARPS", "ROW_ELEMENTS_PER_PROGRAM", "ROW_WARPS", "LONG_ROW",
+                    "LONG_ROW_WARPS")
 MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take the eager path
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 stays eager: the kernels add in fp32
 
