@@ -20,7 +20,7 @@ MuonWithAdamW as trained (BatchedMuon: Newton-Schulz batched over same-shape mat
 the same with torch.optim.Muon (the old path, `batched=False`); the "x torchMuon" column is their ratio.
 
 `--launch NAME=VALUE[,NAME=VALUE]` (repeatable) times each case again under other launch shapes of the Triton
-kernels (the constants at the top of llmopt/optim/kernels.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
+kernels (the constants of LAUNCH_SHAPES in llmopt/optim/kernels.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
 a launch sweep on a new device in one run, each extra row named "case[NAME=VALUE]" (device time only).
 
 Without CUDA it times on the CPU (wall clock, no bandwidth or floors): a smoke test, e.g.
@@ -128,8 +128,8 @@ def parse_launch(text: str) -> dict[str, int]:
 
 
 def launch_shapes(shapes: dict[str, int]):
-    """A context in which the Triton kernels launch with these constants (the module's own restored after it)."""
-    return mock.patch.multiple(kernels, **shapes)
+    """A context in which the Triton kernels launch with these constants (on every device; restored after it)."""
+    return mock.patch.dict(kernels.launch_overrides, shapes)
 
 
 def floor_bytes(case: str, n: int, n_head: int, b: int) -> float | None:

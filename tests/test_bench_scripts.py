@@ -77,8 +77,12 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
 
     assert kernels.available([torch.zeros(1)]), "the kernels must run here (TRITON_INTERPRET=1 on CPU: conftest.py)"
     shapes = bench_optim.parse_launch("ROW_ELEMENTS_PER_PROGRAM=64,ROW_WARPS=1,LONG_ROW=16,LONG_ROW_WARPS=2,"
-                                      "ELEMENTS_PER_PROGRAM=128,ELEMENT_WARPS=1")
-    defaults = {name: getattr(kernels, name) for name in kernels.LAUNCH_CONSTANTS}
+                                      "ELEMENTS_PER_PROGRAM=128,ELEMENT_WARPS=1,EMA_ELEMENTS_PER_PROGRAM=64,"
+                                      "EMA_ELEMENT_WARPS=1")
+    def current():
+        return kernels.launch_shape(torch.device("cpu"))
+    defaults = current()
+    assert set(defaults) == set(kernels.LAUNCH_CONSTANTS)
     assert all(defaults[name] != value for name, value in shapes.items())  # every constant really changes
 
     def train(name, **hparams):
@@ -99,9 +103,9 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
         start = [p.detach().clone() for p in build_model(llama_config("micro"), seed=0).parameters()]
         default = train(name, **hparams)
         with bench_optim.launch_shapes(shapes):
-            assert {n: getattr(kernels, n) for n in shapes} == shapes
+            assert {n: current()[n] for n in shapes} == shapes
             swept = train(name, **hparams)
-        assert {n: getattr(kernels, n) for n in defaults} == defaults
+        assert current() == defaults
         for a, b in zip(default, swept):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
         assert any(not torch.equal(a, p0) for a, p0 in zip(default, start)), f"{name} did not move"
@@ -109,7 +113,7 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     with pytest.raises(RuntimeError, match="inside"):  # restored when the timed block fails too
         with bench_optim.launch_shapes(shapes):
             raise RuntimeError("inside")
-    assert {n: getattr(kernels, n) for n in defaults} == defaults
+    assert current() == defaults and kernels.launch_overrides == {}
 
 
 def test_bench_optim_launch_rows_and_bad_launch_input(capsys, tmp_path):

@@ -44,6 +44,22 @@ def test_kernels_can_run_here():
     assert DEVICES, "neither CUDA nor TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)"
 
 
+def test_launch_shapes_by_device_kind(monkeypatch):
+    """The launch table: a GPU takes its kind's entry over the default (measured on an H100), matched by name;
+    launch_overrides (a launch sweep, a test) win on every device."""
+    default = kernels.LAUNCH_SHAPES["default"]
+    assert set(default) == set(kernels.LAUNCH_CONSTANTS)
+    assert kernels.shape_for_device("NVIDIA H100 80GB HBM3") == default
+    h200 = kernels.shape_for_device("NVIDIA H200")
+    assert h200 == {**default, **kernels.LAUNCH_SHAPES["H200"]} and h200 != default
+    assert kernels.launch_shape(torch.device("cpu")) == default
+    monkeypatch.setitem(kernels.launch_overrides, "ROW_WARPS", 1)
+    assert kernels.launch_shape(torch.device("cpu")) == {**default, "ROW_WARPS": 1}
+    monkeypatch.setitem(kernels.launch_overrides, "ROW_WARP", 2)
+    with pytest.raises(ValueError, match=r"unknown launch constants \['ROW_WARP'\]; known: .*ROW_WARPS"):
+        kernels.launch_shape(torch.device("cpu"))
+
+
 def mantissa_bits(dtype):
     return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
 
@@ -54,7 +70,8 @@ def within_ulps(actual, expected, what, ulps=1, floor=1e-30):
     bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[expected.dtype]
     magnitude = torch.maximum(expected.double().abs(), actual.double().abs()).clamp_min(floor)
     unit = torch.pow(2.0, torch.floor(torch.log2(magnitude)) - bits)
-    worst = ((actual.double() - expected.double()).abs() / (ulps * unit)).max().item()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    worst = ((actual.double() - expected.double()).abs() / (ulps * unit)).max().item() if actual.numel() else 0.0
     assert worst <= 1.0, f"{what}: {worst * ulps:.2f} units in the last place apart (allowed {ulps})"
 
 
@@ -63,10 +80,11 @@ def tensors(shapes, dtype, device, seed, scale=1.0):
     return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device) for s in shapes]
 
 
-# shapes that cover: several row lengths in one call (one launch each), rows not a power of two,
-# a partial last row block, a single row, elements spanning several element blocks with a partial last one
-ROW_SHAPES = [(300, 37), (5, 130), (1, 37), (64, 64), (9, 4100)]
-FLAT_SHAPES = [(3, 4097), (10,), (64, 64), (1,), (2, 9000)]
+# shapes that cover: several shapes in one call (one launch each) with a shape that recurs between others (a
+# launch's program -> tensor mapping, results in list order), rows not a power of two, a partial last row block, a
+# single row, elements spanning several element blocks with a partial last one, an empty tensor
+ROW_SHAPES = [(300, 37), (5, 130), (1, 37), (64, 64), (300, 37), (9, 4100), (5, 130)]
+FLAT_SHAPES = [(3, 4097), (10,), (64, 64), (1,), (10,), (2, 9000), (0,), (64, 64)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,11 +125,24 @@ def test_row_normalized_update_bf16_matches_eager_rounding(device):
 @pytest.mark.parametrize("weight", [0.1, 0.7])  # both branches of torch.lerp's formula
 def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
     # small blocks: the largest tensor spans more than 1024 blocks, so the segment sum loops
-    monkeypatch.setattr(kernels, "ELEMENTS_PER_PROGRAM", 16)
+    monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", 16)
+    launches = []
+    kernel = kernels._lerp_sumsq_kernel
+
+    class Recorded:  # the launches' grids and blocks, to see that the override reaches them
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid[0], kwargs["BLOCK"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(kernels, "_lerp_sumsq_kernel", Recorded())
     momenta = tensors(FLAT_SHAPES, torch.float32, device, 4)
     grads = tensors(FLAT_SHAPES, torch.float32, device, 5)
     expected = [m.double() + weight * (g.double() - m.double()) for m, g in zip(momenta, grads)]
     sums = kernels.lerp_sumsq_(momenta, grads, weight)
+    # one launch per distinct non-empty size, together one program per 16 elements of each tensor
+    assert len(launches) == len({math.prod(s) for s in FLAT_SHAPES} - {0}) and {b for _, b in launches} == {16}
+    assert sum(n for n, _ in launches) == sum(-(-math.prod(s) // 16) for s in FLAT_SHAPES)
     assert sums.shape == (len(FLAT_SHAPES),) and sums.dtype == torch.float32
     for i, (m, e) in enumerate(zip(momenta, expected)):
         torch.testing.assert_close(m.cpu(), e.float().cpu(), rtol=1e-6, atol=1e-6, msg=f"momentum {i}")
@@ -142,13 +173,52 @@ def test_lerp_sumsq_bf16_and_mixed_dtypes(device):
 def test_scaled_sub(device, dtype):
     params = tensors(FLAT_SHAPES, dtype, device, 10)
     updates = tensors(FLAT_SHAPES, dtype, device, 11)
-    factors = torch.tensor([1.0, 0.25, 0.5, 1.0, 0.03125], device=device)
+    factors = torch.tensor([1.0, 0.25, 0.5, 1.0, 0.125, 0.03125, 2.0, 0.0625], device=device)  # exact products
     eager = [p.clone() for p in params]
     for p, u, f in zip(eager, updates, factors.to(dtype).unbind()):
         p.addcmul_(u, f, value=-0.5)
     kernels.scaled_sub_(params, updates, factors, lr=0.5)
     for i, (p, e) in enumerate(zip(params, eager)):
         within_ulps(p.cpu(), e.cpu(), f"param {i}", ulps=1, floor=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_sub_rounds_its_factors_as_eager(device, dtype):
+    """From p = 0 the update is one product, exact in fp32 for bf16 operands, then one rounding: the kernels must
+    equal the eager `addcmul_` bit for bit, which holds only if they round the factors (and the output layer's
+    row-scaled update) to the parameters' dtype where the eager code does. Factors that are not powers of two."""
+    shapes = [(64, 64), (10,), (64, 64)]
+    updates = tensors(shapes, dtype, device, 17)
+    factors = torch.tensor([0.3, 0.7, 0.9], device=device)
+    params = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+    kernels.scaled_sub_(params, updates, factors, lr=0.5)
+    for i, (p, u) in enumerate(zip(params, updates)):
+        expected = torch.zeros_like(p).addcmul_(u, factors[i].to(dtype), value=-0.5)
+        assert torch.equal(p, expected), f"param {i} ({dtype})"
+    (update,) = tensors([(300, 37)], dtype, device, 18)
+    row_factors = torch.linspace(0.3, 0.9, 300, device=device).to(dtype)
+    param = torch.zeros_like(update)
+    kernels.scaled_sub_([param], [update], factors[:1], lr=0.5, row_factors=[row_factors])
+    expected = torch.zeros_like(update).addcmul_(update * row_factors[:, None], factors[0].to(dtype), value=-0.5)
+    assert torch.equal(param, expected), f"row-scaled ({dtype})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaled_sub_mixed_dtypes(device):
+    """bf16 and fp32 tensors in one list, interleaved (one launch per dtype and size): each takes its own factor."""
+    shapes = [(64, 64), (10,), (64, 64), (3, 4097), (10,)]
+    dtypes = [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    params = [t.to(d) for t, d in zip(tensors(shapes, torch.float32, device, 15), dtypes)]
+    updates = [t.to(d) for t, d in zip(tensors(shapes, torch.float32, device, 16), dtypes)]
+    factors = torch.tensor([0.5, 0.25, 2.0, 0.125, 1.0], device=device)
+    eager = [p.clone() for p in params]
+    for p, u, f in zip(eager, updates, factors.unbind()):
+        p.addcmul_(u, f.to(p.dtype), value=-0.5)
+    kernels.scaled_sub_(params, updates, factors, lr=0.5)
+    for i, (p, e) in enumerate(zip(params, eager)):
+        assert p.dtype == dtypes[i]
+        within_ulps(p.cpu(), e.cpu(), f"param {i} ({p.dtype})", ulps=1, floor=1e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -217,7 +287,8 @@ def test_muon_stack_matches_torch(device, dtype, nesterov, shape, monkeypatch):
     `buf.lerp_(grad, 1 - mu)`, `grad.lerp(buf, mu)` and `.bfloat16()` (within one unit in the last place:
     a backend may fuse lerp's multiply-add); the padding untouched; the sums of squares those of the bf16
     updates; the division bit for bit torch's bf16 `x / norm.clamp(min=eps)`."""
-    monkeypatch.setattr(kernels, "ELEMENTS_PER_PROGRAM", 64)  # several blocks per matrix, a partial last one
+    # several blocks per matrix, a partial last one
+    monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", 64)
     momenta = tensors([shape] * 3, dtype, device, 30)
     grads = tensors([shape] * 3, dtype, device, 31)
     eager = [m.clone() for m in momenta]

@@ -1,10 +1,11 @@
 """Triton kernels for the optimizer steps whose eager form is launch- or pass-bound.
 
-Each kernel covers a whole list of tensors in one launch: their addresses sit in a device table and
-every program looks up which tensor, and which rows or elements of it, it owns (the multi-tensor
-scheme of apex and torch's foreach kernels). All arithmetic is in fp32; values are rounded to the
-tensors' dtype where the eager code rounds them, so a kernel's result equals the eager one within one
-rounding of the last bit (tests/test_kernels.py).
+A kernel over a list of tensors launches once per size (shape, for the row kernels): the tensors'
+addresses sit in a device table (the multi-tensor scheme of apex and torch's foreach kernels), and since
+a launch's tensors are all alike, a program finds its tensor and block from its index alone, with no
+per-block table to read before its data (measured on an H200: benchmarks/RESULTS.md). All arithmetic is
+in fp32; values are rounded to the tensors' dtype where the eager code rounds them, so a kernel's result
+equals the eager one within one rounding of the last bit (tests/test_kernels.py).
 
   row_normalized_update_   SCALE: p <- p * decay - lr * d / RMS_row(d), one pass (a row stays on chip); with
                            momentum (lm_head) d <- lerp(d, g, w) in the same pass
@@ -35,16 +36,25 @@ except ImportError:  # CPU-only installs without triton: the optimizers use thei
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# launch shapes, measured on an H100 (scripts/bench_optim.py; benchmarks/RESULTS.md, which has an H200 sweep too)
-ELEMENTS_PER_PROGRAM, ELEMENT_WARPS = 2048, 4      # element-wise kernels
-# row kernel: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; warps from launch sweeps on the
-# 1B and 7B shapes (bf16): ROW_WARPS for rows padded to at most LONG_ROW elements (2048-wide: 77% of the floor
-# against 71-74% with 8 warps; 4096-wide: 81% against 77% with 16), LONG_ROW_WARPS beyond (5461-wide: 66-72%
-# against 45% with 16; 11008-wide: 71% against 62% with 16)
-ROW_ELEMENTS_PER_PROGRAM, ROW_WARPS, LONG_ROW, LONG_ROW_WARPS = 2048, 4, 4096, 32
-# the constants above that a launch sweep may change (scripts/bench_optim.py --launch)
-LAUNCH_CONSTANTS = ("ELEMENTS_PER_PROGRAM", "ELEMENT_WARPS", "ROW_ELEMENTS_PER_PROGRAM", "ROW_WARPS", "LONG_ROW",
-                    "LONG_ROW_WARPS")
+# Launch shapes by device kind, from launch sweeps (scripts/bench_optim.py --launch; benchmarks/RESULTS.md). The
+# "default" entry was measured on an H100; a GPU whose name contains another key takes that entry's values over it
+# (so "NVIDIA GH200 ..." takes the H200's too, unmeasured: the same SMs and a like memory bandwidth).
+#   element-wise kernels: ELEMENTS_PER_PROGRAM, ELEMENT_WARPS; EMA-Nesterov's (three tensors read, two written)
+#   its own pair, as it prefers other shapes than the two-read, one-write kernels of SGD-LL on an H200
+#   row kernels: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; ROW_WARPS for rows padded to at
+#   most LONG_ROW elements, LONG_ROW_WARPS beyond (H100, 1B and 7B shapes, bf16: 2048-wide rows 77% of the floor
+#   against 71-74% with 8 warps; 4096-wide 81% against 77% with 16; 5461-wide 66-72% against 45% with 16)
+# H200 (1B, bf16): SGD-LL 83% of its floor at 512 / 4 warps against 79% at 1024 / 2; EMA-Nesterov 86% at 1024 / 2
+# against 77% at 512 / 4; SCALE 81% with 2 row warps against 78% with 4
+LAUNCH_SHAPES = {
+    "default": {"ELEMENTS_PER_PROGRAM": 2048, "ELEMENT_WARPS": 4, "EMA_ELEMENTS_PER_PROGRAM": 2048,
+                "EMA_ELEMENT_WARPS": 4, "ROW_ELEMENTS_PER_PROGRAM": 2048, "ROW_WARPS": 4, "LONG_ROW": 4096,
+                "LONG_ROW_WARPS": 32},
+    "H200": {"ELEMENTS_PER_PROGRAM": 512, "EMA_ELEMENTS_PER_PROGRAM": 1024, "EMA_ELEMENT_WARPS": 2, "ROW_WARPS": 2},
+}
+LAUNCH_CONSTANTS = tuple(LAUNCH_SHAPES["default"])
+# set by a launch sweep or a test, over the table for every device (each a power of two)
+launch_overrides: dict[str, int] = {}
 MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take the eager path
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 stays eager: the kernels add in fp32
 
@@ -86,7 +96,7 @@ def triton_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)  # a step's tables: per launch an address table per list, and a few more
 def device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant tensor on `device`, uploaded once per distinct value (never modify it). The upload
     goes through pinned memory: a copy from pageable memory would wait for all queued GPU work first."""
@@ -101,16 +111,66 @@ def _addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
     return device_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
 
 
+def launch_shape(device: torch.device) -> dict[str, int]:
+    """The launch constants for tensors on `device`: its kind's LAUNCH_SHAPES, launch_overrides over them."""
+    if not launch_overrides.keys() <= set(LAUNCH_CONSTANTS):
+        unknown = sorted(launch_overrides.keys() - set(LAUNCH_CONSTANTS))
+        raise ValueError(f"kernels.launch_overrides: unknown launch constants {unknown}; known: {LAUNCH_CONSTANTS}")
+    return {**_device_shape(device), **launch_overrides}
+
+
+def shape_for_device(name: str) -> dict[str, int]:
+    """LAUNCH_SHAPES for a device of this name (torch.cuda.get_device_name): the default entry, with that of every
+    other key the name contains over it."""
+    shape = dict(LAUNCH_SHAPES["default"])
+    for kind, values in LAUNCH_SHAPES.items():
+        if kind != "default" and kind in name:
+            shape.update(values)
+    return shape
+
+
+@functools.lru_cache(maxsize=16)
+def _device_shape(device: torch.device) -> dict[str, int]:
+    return shape_for_device(torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+
+
 @functools.lru_cache(maxsize=64)
-def _block_table(sizes: tuple[int, ...], per_block: int, device: torch.device):
-    """For blocks of `per_block` units (elements or rows) over tensors of `sizes` units: each block's
-    tensor index and first unit, each tensor's first block and block count. Cached: the sizes of a
-    model's parameter lists never change."""
-    counts = torch.tensor([-(-s // per_block) for s in sizes], dtype=torch.int64)
-    tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
-    first = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(len(tensor)) - first[tensor]) * per_block
-    return tuple(x.to(device) for x in (tensor.int(), start, first, counts.int()))
+def _indices_by(keys: tuple) -> dict:
+    """For each distinct key (first-seen order), the indices where it occurs (cached: a model's shapes never change)."""
+    out: dict = {}
+    for i, key in enumerate(keys):
+        out.setdefault(key, []).append(i)
+    return {key: tuple(idx) for key, idx in out.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _element_layout(sizes: tuple[int, ...], per_block: int, device: torch.device):
+    """The element-wise kernels' launches over tensors of `sizes` elements in blocks of `per_block`: one launch
+    per group of equal size, so that a program finds its tensor and block from its index alone (tensor = program
+    // blocks per tensor) and reads no table before the data. Returns the groups, each (its tensors' list indices
+    and their index table on the device, elements per tensor, blocks per tensor, its first block in a buffer of
+    per-block partial results laid out group after group), empty tensors left out; that buffer's length; and per
+    tensor, in list order, its first block there and its block count (device tensors, for the segment sums)."""
+    groups, first, counts, offset = [], [0] * len(sizes), [0] * len(sizes), 0
+    for numel, idx in _indices_by(sizes).items():
+        blocks = -(-numel // per_block)
+        if blocks:
+            groups.append((idx, device_tensor(idx, torch.int32, device), numel, blocks, offset))
+        for j, i in enumerate(idx):
+            first[i], counts[i] = offset + j * blocks, blocks
+        offset += blocks * len(idx)
+    return (groups, offset, device_tensor(tuple(first), torch.int64, device),
+            device_tensor(tuple(counts), torch.int32, device))
+
+
+def _element_groups(tensors: list[torch.Tensor], per_block: int):
+    """_element_layout for an element-wise kernel over `tensors` in blocks of `per_block` elements."""
+    return _element_layout(tuple(t.numel() for t in tensors), per_block, tensors[0].device)
+
+
+def _addresses_at(idx: tuple[int, ...], *lists: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For each list, the address table of its tensors at `idx`."""
+    return [_addresses([tensors[i] for i in idx]) for tensors in lists]
 
 
 def _by_dtype(*lists: list[torch.Tensor]):
@@ -125,12 +185,13 @@ def _by_dtype(*lists: list[torch.Tensor]):
 
 
 if triton is not None:
+    _INTERPRETING = tl.constexpr(INTERPRET)
 
     @triton.jit
     def round_nearest(x, DTYPE: tl.constexpr):
-        """fp32 -> DTYPE, rounding to nearest even. Spelled out for bf16 because Triton's interpreter
-        (the CPU tests) truncates there, while the GPU rounds to nearest: this way both round alike."""
-        if DTYPE == tl.bfloat16:
+        """fp32 -> DTYPE, rounding to nearest even: the GPU's own conversion does (one instruction per two values),
+        Triton's interpreter (the CPU tests) truncates to bf16, so there it is spelled out."""
+        if _INTERPRETING and DTYPE == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
@@ -168,22 +229,29 @@ if triton is not None:
         return offsets, offsets < total
 
     @triton.jit
-    def _element_block(block_tensor, block_start, numel_of, BLOCK: tl.constexpr):
-        """The element-wise kernels' program: its tensor, element offsets and mask."""
-        t = tl.load(block_tensor + tl.program_id(0))
-        offsets = tl.load(block_start + tl.program_id(0)) + tl.arange(0, BLOCK)
-        return t, offsets, offsets < tl.load(numel_of + t)
+    def _element_block(numel, blocks_per_tensor, BLOCK: tl.constexpr):
+        """The element-wise kernels' program: its tensor (in a group of equal numel), element offsets and mask."""
+        pid = tl.program_id(0)
+        t = pid // blocks_per_tensor
+        offsets = (pid - t * blocks_per_tensor).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        return t, offsets, offsets < numel
 
     @triton.jit
-    def _row_update_kernel(p_addrs, d_addrs, g_addrs, block_tensor, block_row, rows_of, n_cols, lr, decay,
-                           sqrt_cols, weight, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                           DECAY: tl.constexpr, MOMENTUM: tl.constexpr):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor + pid)
-        rows = tl.load(block_row + pid) + tl.arange(0, ROWS)
+    def _row_tile(block, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """The row kernels' program: block `block` of ROWS rows of an [n_rows, n_cols] tensor (BLOCK >= n_cols),
+        its rows, element offsets and mask."""
+        rows = block * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = (rows[:, None] < tl.load(rows_of + t)) & (cols[None, :] < n_cols)
-        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        return rows, rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask
+
+    @triton.jit
+    def _row_update_kernel(p_addrs, d_addrs, g_addrs, n_rows, blocks_per_tensor, n_cols, lr, decay, sqrt_cols, weight,
+                           DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr,
+                           MOMENTUM: tl.constexpr):
+        pid = tl.program_id(0)  # tensors of one shape: program -> tensor, block of ROWS rows
+        t = pid // blocks_per_tensor
+        _, offsets, mask = _row_tile(pid - t * blocks_per_tensor, n_rows, n_cols, ROWS, BLOCK)
         if MOMENTUM:  # d is a momentum buffer: d <- lerp(d, g, weight) first
             d, _ = _momentum_update(d_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
         else:
@@ -208,9 +276,9 @@ if triton is not None:
         tl.store(p + offsets, round_nearest(x + (-lr) * (direction / scale), DTYPE), mask=mask)
 
     @triton.jit
-    def _lerp_sumsq_kernel(m_addrs, g_addrs, partials, block_tensor, block_start, numel_of, weight,
-                           DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-        t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
+    def _lerp_sumsq_kernel(m_addrs, g_addrs, partials, numel, blocks_per_tensor, weight, DTYPE: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
         m, _ = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
         tl.store(partials + tl.program_id(0), tl.sum(m * m, axis=0))
 
@@ -227,31 +295,39 @@ if triton is not None:
         tl.store(out + t, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _scaled_sub_kernel(p_addrs, u_addrs, factors, row_factors, n_cols, block_tensor, block_start, numel_of,
-                           lr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROW_FACTORS: tl.constexpr):
-        t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
-        factor = round_nearest(tl.load(factors + t), DTYPE).to(tl.float32)  # eager: the factor in the parameter dtype
+    def _scaled_sub_kernel(p_addrs, u_addrs, factors, list_index, numel, blocks_per_tensor, lr, DTYPE: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
         p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)
         _, u = _load(u_addrs, t, offsets, mask, DTYPE)
-        if ROW_FACTORS:  # one tensor; u is its rows scaled first, rounded as the eager m * row_factor
-            u = round_nearest(u * tl.load(row_factors + offsets // n_cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
-            u = u.to(tl.float32)
+        # the tensor's factor (factors in list order, t its index in the group), in the parameter dtype as eager;
+        # read after the data's loads are issued, so that its two dependent loads wait beside them, not before
+        factor = round_nearest(tl.load(factors + tl.load(list_index + t)), DTYPE).to(tl.float32)
         tl.store(p_ptr + offsets, round_nearest(p + (-lr) * u * factor, DTYPE), mask=mask)
+
+    @triton.jit
+    def _row_scaled_sub_kernel(p, u, factor, row_factors, n_rows, n_cols, lr, DTYPE: tl.constexpr, ROWS: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        """One tensor: p <- p - lr * factor * round(u * row_factors[row]), as the eager m * row_factor, addcmul_."""
+        rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, ROWS, BLOCK)
+        x = tl.load(p + offsets, mask=mask, other=0.0).to(tl.float32)
+        update = tl.load(u + offsets, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(row_factors + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
+        update = round_nearest(update * scale[:, None], DTYPE).to(tl.float32)
+        factor = round_nearest(tl.load(factor), DTYPE).to(tl.float32)
+        tl.store(p + offsets, round_nearest(x + (-lr) * update * factor, DTYPE), mask=mask)
 
     @triton.jit
     def _row_lerp_sumsq_kernel(m_addrs, g_addrs, row_sq, n_rows, n_cols, weight, DTYPE: tl.constexpr,
                                ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, ROWS, BLOCK)
         m, _ = _momentum_update(m_addrs, g_addrs, 0, offsets, mask, weight, DTYPE)
         tl.store(row_sq + rows, tl.sum(m * m, axis=1), mask=rows < n_rows)
 
     @triton.jit
-    def _ema_momentum_kernel(m_addrs, prev_addrs, p_addrs, block_tensor, block_start, numel_of, gamma,
-                             DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-        t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
+    def _ema_momentum_kernel(m_addrs, prev_addrs, p_addrs, numel, blocks_per_tensor, gamma, DTYPE: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
         _, p = _load(p_addrs, t, offsets, mask, DTYPE)
         prev_ptr, prev = _load(prev_addrs, t, offsets, mask, DTYPE)
         m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
@@ -259,10 +335,10 @@ if triton is not None:
         tl.store(prev_ptr + offsets, p.to(DTYPE), mask=mask)  # exact: p was a DTYPE value
 
     @triton.jit
-    def _muon_stack_kernel(m_addrs, g_addrs, stack, partials, block_tensor, block_start, numel_of, cols,
-                           matrix_stride, row_stride, weight, momentum, DTYPE: tl.constexpr,
-                           NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
-        t, offsets, mask = _element_block(block_tensor, block_start, numel_of, BLOCK)
+    def _muon_stack_kernel(m_addrs, g_addrs, stack, partials, numel, blocks_per_tensor, cols, matrix_stride,
+                           row_stride, weight, momentum, DTYPE: tl.constexpr, NESTEROV: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
         u, g = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
         if NESTEROV:
             u = round_nearest(_lerp(g, u, momentum), DTYPE).to(tl.float32)
@@ -280,19 +356,11 @@ if triton is not None:
         tl.store(stack + offsets, round_nearest(tl.math.div_rn(x, divisor), tl.bfloat16), mask=mask)
 
 
-def _elementwise_launch(tensors: list[torch.Tensor]):
-    """Grid and tables for an element-wise kernel over `tensors` (one dtype)."""
-    sizes = tuple(t.numel() for t in tensors)
-    tensor, start, first, counts = _block_table(sizes, ELEMENTS_PER_PROGRAM, tensors[0].device)
-    numel = device_tensor(sizes, torch.int64, tensors[0].device)
-    return (len(tensor),), tensor, start, first, counts, numel
-
-
-def _row_launch(n_cols: int) -> tuple[int, int, int]:
+def _row_launch(n_cols: int, shape: dict[str, int]) -> tuple[int, int, int]:
     """The row kernels' tile for rows of n_cols: padded row length, rows per program, warps."""
     block = triton.next_power_of_2(n_cols)
-    rows_per_program = max(1, ROW_ELEMENTS_PER_PROGRAM // block)
-    warps = ROW_WARPS if block <= LONG_ROW else LONG_ROW_WARPS
+    rows_per_program = max(1, shape["ROW_ELEMENTS_PER_PROGRAM"] // block)
+    warps = shape["ROW_WARPS"] if block <= shape["LONG_ROW"] else shape["LONG_ROW_WARPS"]
     return block, rows_per_program, warps
 
 
@@ -310,77 +378,78 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
     momentum buffers, first updated in the same pass: d <- lerp(d, g, weight). Rows must be at most
     MAX_ROW long."""
     momentum = grads is not None
+    shape = launch_shape(params[0].device)
     for dtype, (ps, ds, gs), _ in _by_dtype(params, directions, grads if momentum else directions):
-        by_cols: dict[int, list[int]] = {}
-        rows = [p.shape for p in ps]
-        for i, (_, n_cols) in enumerate(rows):
-            by_cols.setdefault(n_cols, []).append(i)
-        for n_cols, idx in by_cols.items():
-            block, rows_per_program, warps = _row_launch(n_cols)
-            group_p, group_d = [ps[i] for i in idx], [ds[i] for i in idx]
-            group_rows = tuple(rows[i][0] for i in idx)
-            tensor, row, _, _ = _block_table(group_rows, rows_per_program, group_p[0].device)
-            rows_of = device_tensor(group_rows, torch.int32, tensor.device)
-            d_addrs = _addresses(group_d)
-            _row_update_kernel[(len(tensor),)](
-                _addresses(group_p), d_addrs, _addresses([gs[i] for i in idx]) if momentum else d_addrs, tensor,
-                row, rows_of, n_cols, lr, decay, float(n_cols) ** 0.5, weight, DTYPE=triton_dtype(dtype),
-                ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0, MOMENTUM=momentum, num_warps=warps)
+        for (n_rows, n_cols), idx in _indices_by(tuple(p.shape for p in ps)).items():  # one launch per shape
+            block, rows_per_program, warps = _row_launch(n_cols, shape)
+            blocks = -(-n_rows // rows_per_program)
+            p_addrs, d_addrs, g_addrs = _addresses_at(idx, ps, ds, gs)
+            _row_update_kernel[(blocks * len(idx),)](
+                p_addrs, d_addrs, g_addrs, n_rows, blocks, n_cols, lr, decay, float(n_cols) ** 0.5, weight,
+                DTYPE=triton_dtype(dtype), ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0,
+                MOMENTUM=momentum, num_warps=warps)
 
 
 def column_normalized_update_(param: torch.Tensor, direction: torch.Tensor, rms: torch.Tensor, lr: float,
                               decay: float = 1.0) -> None:
     """p <- p * decay - lr * d / rms[column] for one contiguous 2-D tensor and its per-column scales `rms`
     (SCALE's embedding: its output units are columns), rounded as the eager mul_ and addcdiv_."""
-    total = param.numel()
-    _column_update_kernel[(triton.cdiv(total, ELEMENTS_PER_PROGRAM),)](
+    total, shape = param.numel(), launch_shape(param.device)
+    _column_update_kernel[(triton.cdiv(total, shape["ELEMENTS_PER_PROGRAM"]),)](
         param, direction, rms.contiguous(), param.size(1), total, lr, decay, DTYPE=triton_dtype(param.dtype),
-        BLOCK=ELEMENTS_PER_PROGRAM, DECAY=decay != 1.0, num_warps=ELEMENT_WARPS)
+        BLOCK=shape["ELEMENTS_PER_PROGRAM"], DECAY=decay != 1.0, num_warps=shape["ELEMENT_WARPS"])
 
 
 def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: float) -> torch.Tensor:
     """m <- lerp(m, g, weight) for every pair; returns sum(m^2) of each new m (fp32, in list order)."""
     sums = None
-    for dtype, (ms, gs), idx in _by_dtype(momenta, grads):
-        grid, tensor, start, first, counts, numel = _elementwise_launch(ms)
-        partials = torch.empty(grid[0], dtype=torch.float32, device=ms[0].device)
-        _lerp_sumsq_kernel[grid](_addresses(ms), _addresses(gs), partials, tensor, start, numel, weight,
-                                 DTYPE=triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)
+    shape = launch_shape(momenta[0].device)
+    for dtype, (ms, gs), idx_dtype in _by_dtype(momenta, grads):
+        groups, n_blocks, first, counts = _element_groups(ms, shape["ELEMENTS_PER_PROGRAM"])
+        partials = torch.empty(n_blocks, dtype=torch.float32, device=ms[0].device)
+        for idx, _, numel, blocks, start in groups:
+            _lerp_sumsq_kernel[(blocks * len(idx),)](
+                *_addresses_at(idx, ms, gs), partials[start:], numel, blocks, weight, DTYPE=triton_dtype(dtype),
+                BLOCK=shape["ELEMENTS_PER_PROGRAM"], num_warps=shape["ELEMENT_WARPS"])
         out = _segment_sums(partials, first, counts)
-        if len(idx) == len(momenta):
+        if len(idx_dtype) == len(momenta):
             return out
         if sums is None:  # several dtypes: gather each one's sums into list order
             sums = torch.empty(len(momenta), dtype=torch.float32, device=out.device)
-        sums[device_tensor(tuple(idx), torch.int64, out.device)] = out
+        sums[device_tensor(tuple(idx_dtype), torch.int64, out.device)] = out
     return sums
 
 
 def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors: torch.Tensor,
                 lr: float, row_factors: list[torch.Tensor] | None = None) -> None:
     """p_i <- p_i - lr * factors[i] * u_i for every i; `factors` a device vector (fp32). With `row_factors`
-    (per tensor a [rows] vector in its dtype), u_i is first its rows scaled, round(u_i[r] * row_factors[i][r])."""
+    (per tensor a [rows] vector in its dtype; 2-D tensors, rows at most MAX_ROW long), u_i is first its rows scaled,
+    round(u_i[r] * row_factors[i][r])."""
+    shape = launch_shape(params[0].device)
     if row_factors is not None:  # one launch per tensor (SGD-LL's output layer: usually one)
         for i, (p, u, rf) in enumerate(zip(params, updates, row_factors)):
-            grid, tensor, start, _, _, numel = _elementwise_launch([p])
-            _scaled_sub_kernel[grid](_addresses([p]), _addresses([u]), factors[i:i + 1].float(), rf.contiguous(),
-                                     p.size(1), tensor, start, numel, lr, DTYPE=triton_dtype(p.dtype),
-                                     BLOCK=ELEMENTS_PER_PROGRAM, ROW_FACTORS=True, num_warps=ELEMENT_WARPS)
+            (n_rows, n_cols), (block, rows_per_program, warps) = p.shape, _row_launch(p.size(1), shape)
+            _row_scaled_sub_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+                p, u, factors[i:i + 1].float(), rf.contiguous(), n_rows, n_cols, lr, DTYPE=triton_dtype(p.dtype),
+                ROWS=rows_per_program, BLOCK=block, num_warps=warps)
         return
-    for dtype, (ps, us), idx in _by_dtype(params, updates):
-        grid, tensor, start, _, _, numel = _elementwise_launch(ps)
-        group_factors = factors if len(idx) == len(params) else factors[device_tensor(tuple(idx), torch.int64,
-                                                                                      factors.device)]
+    for dtype, (ps, us), idx_dtype in _by_dtype(params, updates):
+        group_factors = factors  # with several dtypes, this one's
+        if len(idx_dtype) < len(params):
+            group_factors = factors[device_tensor(tuple(idx_dtype), torch.int64, factors.device)]
         group_factors = group_factors.float().contiguous()
-        _scaled_sub_kernel[grid](_addresses(ps), _addresses(us), group_factors, group_factors, 1, tensor, start,
-                                 numel, lr, DTYPE=triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
-                                 ROW_FACTORS=False, num_warps=ELEMENT_WARPS)
+        for idx, index_table, numel, blocks, _ in _element_groups(ps, shape["ELEMENTS_PER_PROGRAM"])[0]:
+            _scaled_sub_kernel[(blocks * len(idx),)](*_addresses_at(idx, ps, us), group_factors, index_table, numel,
+                                                     blocks, lr, DTYPE=triton_dtype(dtype),
+                                                     BLOCK=shape["ELEMENTS_PER_PROGRAM"],
+                                                     num_warps=shape["ELEMENT_WARPS"])
 
 
 def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -> torch.Tensor:
     """m <- lerp(m, g, weight) for one 2-D tensor (rows at most MAX_ROW long); returns each row's sum of
     squares of the new m (fp32, [rows])."""
     n_rows, n_cols = momentum.shape
-    block, rows_per_program, warps = _row_launch(n_cols)
+    block, rows_per_program, warps = _row_launch(n_cols, launch_shape(momentum.device))
     row_sq = torch.empty(n_rows, dtype=torch.float32, device=momentum.device)
     _row_lerp_sumsq_kernel[(triton.cdiv(n_rows, rows_per_program),)](
         _addresses([momentum]), _addresses([grad]), row_sq, n_rows, n_cols, weight,
@@ -391,11 +460,12 @@ def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -
 def ema_momentum_(momenta: list[torch.Tensor], prev: list[torch.Tensor], params: list[torch.Tensor],
                   gamma: float) -> None:
     """m <- gamma m + (1 - gamma)(p - prev); prev <- p, in one pass over the three lists."""
+    shape = launch_shape(params[0].device)
     for dtype, (ms, prevs, ps), _ in _by_dtype(momenta, prev, params):
-        grid, tensor, start, _, _, numel = _elementwise_launch(ps)
-        _ema_momentum_kernel[grid](_addresses(ms), _addresses(prevs), _addresses(ps), tensor, start, numel,
-                                   gamma, DTYPE=triton_dtype(dtype), BLOCK=ELEMENTS_PER_PROGRAM,
-                                   num_warps=ELEMENT_WARPS)
+        for idx, _, numel, blocks, _ in _element_groups(ps, shape["EMA_ELEMENTS_PER_PROGRAM"])[0]:
+            _ema_momentum_kernel[(blocks * len(idx),)](
+                *_addresses_at(idx, ms, prevs, ps), numel, blocks, gamma, DTYPE=triton_dtype(dtype),
+                BLOCK=shape["EMA_ELEMENTS_PER_PROGRAM"], num_warps=shape["EMA_ELEMENT_WARPS"])
 
 
 def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: torch.Tensor, momentum: float,
@@ -403,18 +473,23 @@ def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: t
     """Muon's element-wise work for n same-shape, same-dtype matrices in one pass: m <- lerp(m, g, 1 - momentum)
     in place, and the update u = lerp(g, m, momentum) (nesterov) or m, rounded to bf16, into the window
     stack[i, :rows, :cols] of a bf16 stack [n, R >= rows, C >= cols]. Returns each u's sum of squares (fp32)."""
-    grid, tensor, start, first, counts, numel = _elementwise_launch(momenta)
-    partials = torch.empty(grid[0], dtype=torch.float32, device=stack.device)
-    _muon_stack_kernel[grid](_addresses(momenta), _addresses(grads), stack, partials, tensor, start, numel,
-                             momenta[0].size(1), stack.stride(0), stack.stride(1), 1 - momentum, momentum,
-                             DTYPE=triton_dtype(momenta[0].dtype), NESTEROV=nesterov, BLOCK=ELEMENTS_PER_PROGRAM,
-                             num_warps=ELEMENT_WARPS)
+    if len({m.shape for m in momenta}) != 1:
+        shapes = sorted({tuple(m.shape) for m in momenta})
+        raise ValueError(f"muon_stack_: the matrices must share one shape, got {shapes}")
+    shape = launch_shape(stack.device)
+    groups, n_blocks, first, counts = _element_groups(momenta, shape["ELEMENTS_PER_PROGRAM"])
+    partials = torch.empty(n_blocks, dtype=torch.float32, device=stack.device)
+    for idx, _, numel, blocks, _ in groups:  # one group, the list in order: t is the matrix's index in the stack
+        _muon_stack_kernel[(blocks * len(idx),)](
+            _addresses(momenta), _addresses(grads), stack, partials, numel, blocks, momenta[0].size(1),
+            stack.stride(0), stack.stride(1), 1 - momentum, momentum, DTYPE=triton_dtype(momenta[0].dtype),
+            NESTEROV=nesterov, BLOCK=shape["ELEMENTS_PER_PROGRAM"], num_warps=shape["ELEMENT_WARPS"])
     return _segment_sums(partials, first, counts)
 
 
 def divide_stack_(stack: torch.Tensor, divisors: torch.Tensor) -> None:
     """stack[i] <- stack[i] / divisors[i] for a contiguous bf16 stack and fp32 divisors, rounded as torch's
     bf16 division (correctly rounded fp32 quotient, then bf16)."""
-    total = stack.numel()
-    _divide_stack_kernel[(triton.cdiv(total, ELEMENTS_PER_PROGRAM),)](
-        stack, divisors, stack[0].numel(), total, BLOCK=ELEMENTS_PER_PROGRAM, num_warps=ELEMENT_WARPS)
+    total, shape = stack.numel(), launch_shape(stack.device)
+    _divide_stack_kernel[(triton.cdiv(total, shape["ELEMENTS_PER_PROGRAM"]),)](
+        stack, divisors, stack[0].numel(), total, BLOCK=shape["ELEMENTS_PER_PROGRAM"], num_warps=shape["ELEMENT_WARPS"])
