@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ from llmopt.optim.ema_nesterov import EMANesterov
 from llmopt.optim.muon import BatchedMuon, MuonWithAdamW, padded_stack
 from llmopt.optim.scale import SCALE
 from llmopt.optim.sgd_ll import SGDLL
+from tests import gpu_compile
 from tests.test_optim_reference import (
     FACTORS,
     RefEMANesterov,
@@ -42,6 +47,18 @@ def test_kernels_can_run_here():
     """Not a skip in disguise: every machine that runs the suite runs the kernels somewhere."""
     assert kernels.triton is not None, "triton is not installed: pip install -e '.[dev]' installs it"
     assert DEVICES, "neither CUDA nor TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)"
+
+
+def test_kernels_compile_for_the_gpu():
+    """Every kernel, each dtype and launch variant the code uses, through Triton's compiler to sm_90 machine code
+    (tests/gpu_compile.py, in a subprocess without the interpreter): code that the interpreter runs but the compiler
+    refuses fails here, also on a machine without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.gpu_compile"], cwd=Path(__file__).parents[1], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    compiled = {line.split()[0] for line in result.stdout.splitlines() if line.endswith(": ok")}
+    assert compiled == set(gpu_compile.SPECS), compiled
 
 
 def test_launch_shapes_by_device_kind(monkeypatch):
