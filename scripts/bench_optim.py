@@ -118,9 +118,10 @@ def parse_launch(text: str) -> dict[str, int]:
     shapes = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name not in kernels.LAUNCH_CONSTANTS:
-            raise ValueError(f"unknown launch constant {name!r} in --launch {text!r}; "
-                             f"known: {', '.join(kernels.LAUNCH_CONSTANTS)}")
+        try:
+            kernels.check_launch_constants([name])
+        except ValueError as err:
+            raise ValueError(f"--launch {text!r}: {err}") from None
         if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
             raise ValueError(f"--launch {text!r}: {name} must be a power of two, got {value!r}")
         shapes[name] = int(value)

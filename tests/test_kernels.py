@@ -82,14 +82,14 @@ def test_split_rows_cover_the_row_with_fewer_idle_lanes():
     narrowest power of two that holds the rest; shorter rows, powers of two and rows whose rest needs as wide a
     tile stay one tile."""
     shape = {**kernels.LAUNCH_SHAPES["default"], "MIN_SPLIT_ROW": 4096}
-    assert kernels._split_row(5461, 8192, shape) == (4096, 2048)     # the 1B MLP's down projection
-    assert kernels._split_row(11008, 16384, shape) == (8192, 4096)   # the 7B's
-    assert kernels._split_row(4096, 4096, shape) == (4096, 0)
-    assert kernels._split_row(2730, 4096, shape) == (4096, 0)        # shorter than MIN_SPLIT_ROW
-    assert kernels._split_row(5461, 8192, kernels.LAUNCH_SHAPES["default"]) == (8192, 0)  # the default: never
-    assert kernels._split_row(12289, 16384, shape) == (16384, 0)     # the rest needs 8192 lanes too: no gain
+    assert kernels._split_row(5461, shape) == (4096, 2048)     # the 1B MLP's down projection
+    assert kernels._split_row(11008, shape) == (8192, 4096)   # the 7B's
+    assert kernels._split_row(4096, shape) == (4096, 0)
+    assert kernels._split_row(2730, shape) == (4096, 0)        # shorter than MIN_SPLIT_ROW
+    assert kernels._split_row(5461, kernels.LAUNCH_SHAPES["default"]) == (8192, 0)  # the default: never
+    assert kernels._split_row(12289, shape) == (16384, 0)     # the rest needs 8192 lanes too: no gain
     for n_cols in (4097, 5461, 6144, 12288):
-        head, tail = kernels._split_row(n_cols, 1 << (n_cols - 1).bit_length(), shape)
+        head, tail = kernels._split_row(n_cols, shape)
         assert head < n_cols <= head + tail and tail < head and head & (head - 1) == 0 and tail & (tail - 1) == 0
 
 
