@@ -15,9 +15,7 @@ import sys
 SPECS = {
     "_row_update_kernel": (
         {"p_addrs": "*i64", "d_addrs": "*i64", "g_addrs": "*i64"},
-        [dict(ROWS=1, BLOCK=2048, TAIL=0, DECAY=True, MOMENTUM=True),
-         dict(ROWS=8, BLOCK=256, TAIL=0, DECAY=False, MOMENTUM=False),
-         dict(ROWS=1, BLOCK=4096, TAIL=2048, DECAY=True, MOMENTUM=False)]),
+        [dict(ROWS=1, BLOCK=2048, DECAY=True, MOMENTUM=True), dict(ROWS=8, BLOCK=256, DECAY=False, MOMENTUM=False)]),
     "_column_update_kernel": ({"p": "*D", "d": "*D", "rms": "*D"}, [dict(BLOCK=1024, DECAY=True)]),
     "_lerp_sumsq_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "partials": "*fp32"}, [dict(BLOCK=512)]),
     "_segment_sum_kernel": ({"partials": "*fp32", "first_block": "*i64", "blocks_of": "*i32", "out": "*fp32"},

@@ -78,7 +78,7 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     assert kernels.available([torch.zeros(1)]), "the kernels must run here (TRITON_INTERPRET=1 on CPU: conftest.py)"
     shapes = bench_optim.parse_launch("ROW_ELEMENTS_PER_PROGRAM=64,ROW_WARPS=1,LONG_ROW=16,LONG_ROW_WARPS=2,"
                                       "ELEMENTS_PER_PROGRAM=128,ELEMENT_WARPS=1,EMA_ELEMENTS_PER_PROGRAM=64,"
-                                      "EMA_ELEMENT_WARPS=1,MIN_SPLIT_ROW=16")
+                                      "EMA_ELEMENT_WARPS=1")
     def current():
         return kernels.launch_shape(torch.device("cpu"))
     defaults = current()

@@ -77,22 +77,6 @@ def test_launch_shapes_by_device_kind(monkeypatch):
         kernels.launch_shape(torch.device("cpu"))
 
 
-def test_split_rows_cover_the_row_with_fewer_idle_lanes():
-    """A row of MIN_SPLIT_ROW or more columns that is not a power of two: its largest power of two, then the
-    narrowest power of two that holds the rest; shorter rows, powers of two and rows whose rest needs as wide a
-    tile stay one tile."""
-    shape = {**kernels.LAUNCH_SHAPES["default"], "MIN_SPLIT_ROW": 4096}
-    assert kernels._split_row(5461, shape) == (4096, 2048)     # the 1B MLP's down projection
-    assert kernels._split_row(11008, shape) == (8192, 4096)   # the 7B's
-    assert kernels._split_row(4096, shape) == (4096, 0)
-    assert kernels._split_row(2730, shape) == (4096, 0)        # shorter than MIN_SPLIT_ROW
-    assert kernels._split_row(5461, kernels.LAUNCH_SHAPES["default"]) == (8192, 0)  # the default: never
-    assert kernels._split_row(12289, shape) == (16384, 0)     # the rest needs 8192 lanes too: no gain
-    for n_cols in (4097, 5461, 6144, 12288):
-        head, tail = kernels._split_row(n_cols, shape)
-        assert head < n_cols <= head + tail and tail < head and head & (head - 1) == 0 and tail & (tail - 1) == 0
-
-
 def mantissa_bits(dtype):
     return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
 
@@ -122,10 +106,7 @@ FLAT_SHAPES = [(3, 4097), (10,), (64, 64), (1,), (10,), (2, 9000), (0,), (64, 64
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("decay", [1.0, 0.99])
-@pytest.mark.parametrize("split", [False, True])  # rows not a power of two in one tile, or in two
-def test_row_normalized_update_fp32_matches_float64_formula(device, decay, split, monkeypatch):
-    if split:
-        monkeypatch.setitem(kernels.launch_overrides, "MIN_SPLIT_ROW", 16)
+def test_row_normalized_update_fp32_matches_float64_formula(device, decay):
     params = tensors(ROW_SHAPES, torch.float32, device, 0)
     directions = tensors(ROW_SHAPES, torch.float32, device, 1, scale=1e-3)
     # one all-zero row: its RMS is floored at 1e-8, so it is left alone
@@ -142,10 +123,7 @@ def test_row_normalized_update_fp32_matches_float64_formula(device, decay, split
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("split", [False, True])
-def test_row_normalized_update_bf16_matches_eager_rounding(device, split, monkeypatch):
-    if split:
-        monkeypatch.setitem(kernels.launch_overrides, "MIN_SPLIT_ROW", 16)
+def test_row_normalized_update_bf16_matches_eager_rounding(device):
     params = tensors(ROW_SHAPES, torch.bfloat16, device, 2)
     directions = tensors(ROW_SHAPES, torch.bfloat16, device, 3, scale=1e-2)
     eager = [p.clone() for p in params]

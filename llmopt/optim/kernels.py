@@ -44,15 +44,14 @@ MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take th
 #   its own pair, as it prefers other shapes than the two-read, one-write kernels of SGD-LL on an H200
 #   row kernels: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; ROW_WARPS for rows padded to at
 #   most LONG_ROW elements, LONG_ROW_WARPS beyond (H100, 1B and 7B shapes, bf16: 2048-wide rows 77% of the floor
-#   against 71-74% with 8 warps; 4096-wide 81% against 77% with 16; 5461-wide 66-72% against 45% with 16); SCALE's
-#   row kernel splits rows of at least MIN_SPLIT_ROW columns that are not a power of two into two tiles (the
-#   default, longer than any row it takes, never does: not yet measured against one padded tile)
+#   against 71-74% with 8 warps; 4096-wide 81% against 77% with 16; 5461-wide 66-72% against 45% with 16; on an
+#   H200 a 5461-wide row split into tiles of 4096 + 2048 was slower than one tile of 8192: SCALE 76-78% against 80%)
 # H200 (1B, bf16): SGD-LL 83% of its floor at 512 / 4 warps against 79% at 1024 / 2; EMA-Nesterov 86% at 1024 / 2
 # against 77% at 512 / 4; SCALE 81% with 2 row warps against 78% with 4
 LAUNCH_SHAPES = {
     "default": {"ELEMENTS_PER_PROGRAM": 2048, "ELEMENT_WARPS": 4, "EMA_ELEMENTS_PER_PROGRAM": 2048,
                 "EMA_ELEMENT_WARPS": 4, "ROW_ELEMENTS_PER_PROGRAM": 2048, "ROW_WARPS": 4, "LONG_ROW": 4096,
-                "LONG_ROW_WARPS": 32, "MIN_SPLIT_ROW": 2 * MAX_ROW},
+                "LONG_ROW_WARPS": 32},
     "H200": {"ELEMENTS_PER_PROGRAM": 512, "EMA_ELEMENTS_PER_PROGRAM": 1024, "EMA_ELEMENT_WARPS": 2, "ROW_WARPS": 2},
 }
 LAUNCH_CONSTANTS = tuple(LAUNCH_SHAPES["default"])
@@ -245,53 +244,32 @@ if triton is not None:
         return t, offsets, offsets < numel
 
     @triton.jit
-    def _row_tile(block, n_rows, n_cols, FIRST_COL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """The row kernels' program: block `block` of ROWS rows of an [n_rows, n_cols] tensor, columns FIRST_COL to
-        FIRST_COL + BLOCK (a whole row if BLOCK >= n_cols): its rows, element offsets and mask."""
+    def _row_tile(block, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """The row kernels' program: block `block` of ROWS rows of an [n_rows, n_cols] tensor (BLOCK >= n_cols),
+        its rows, element offsets and mask."""
         rows = block * ROWS + tl.arange(0, ROWS)
-        cols = FIRST_COL + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         return rows, rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask
 
     @triton.jit
-    def _row_operands(p_addrs, d_addrs, g_addrs, t, offsets, mask, weight, DTYPE: tl.constexpr,
-                      MOMENTUM: tl.constexpr):
-        """A row tile's direction (a momentum buffer first updated: d <- lerp(d, g, weight)) and parameters, fp32."""
-        if MOMENTUM:
+    def _row_update_kernel(p_addrs, d_addrs, g_addrs, n_rows, blocks_per_tensor, n_cols, lr, decay, sqrt_cols, weight,
+                           DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr,
+                           MOMENTUM: tl.constexpr):
+        pid = tl.program_id(0)  # tensors of one shape: program -> tensor, block of ROWS rows
+        t = pid // blocks_per_tensor
+        _, offsets, mask = _row_tile(pid - t * blocks_per_tensor, n_rows, n_cols, ROWS, BLOCK)
+        if MOMENTUM:  # d is a momentum buffer: d <- lerp(d, g, weight) first
             d, _ = _momentum_update(d_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
         else:
             _, d = _load(d_addrs, t, offsets, mask, DTYPE)
         p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)  # issued before the reduction waits
-        return d, p_ptr, p
-
-    @triton.jit
-    def _row_store(p_ptr, p, d, offsets, mask, rms, lr, decay, DTYPE: tl.constexpr, DECAY: tl.constexpr):
-        """A row tile's update p <- p * decay - lr * d / rms, stored."""
+        # as the eager code: the row norm and the RMS are tensors of the parameter dtype, floored at 1e-8
+        norm = round_nearest(tl.sqrt(tl.sum(d * d, axis=1)), DTYPE).to(tl.float32)
+        rms = tl.maximum(round_nearest(norm / sqrt_cols, DTYPE).to(tl.float32), 1e-8)
         if DECAY:
             p = round_nearest(p * decay, DTYPE).to(tl.float32)
         tl.store(p_ptr + offsets, round_nearest(p + (-lr) * (d / rms[:, None]), DTYPE), mask=mask)
-
-    @triton.jit
-    def _row_update_kernel(p_addrs, d_addrs, g_addrs, n_rows, blocks_per_tensor, n_cols, lr, decay, sqrt_cols, weight,
-                           DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, TAIL: tl.constexpr,
-                           DECAY: tl.constexpr, MOMENTUM: tl.constexpr):
-        pid = tl.program_id(0)  # tensors of one shape: program -> tensor, block of ROWS rows
-        t = pid // blocks_per_tensor
-        block = pid - t * blocks_per_tensor
-        _, offsets, mask = _row_tile(block, n_rows, n_cols, 0, ROWS, BLOCK)
-        d, p_ptr, p = _row_operands(p_addrs, d_addrs, g_addrs, t, offsets, mask, weight, DTYPE, MOMENTUM)
-        sum_sq = tl.sum(d * d, axis=1)
-        if TAIL:  # the columns past BLOCK in a second, narrower tile: fewer idle lanes than one tile twice as wide
-            _, tail_offsets, tail_mask = _row_tile(block, n_rows, n_cols, BLOCK, ROWS, TAIL)
-            tail_d, _, tail_p = _row_operands(p_addrs, d_addrs, g_addrs, t, tail_offsets, tail_mask, weight, DTYPE,
-                                              MOMENTUM)
-            sum_sq += tl.sum(tail_d * tail_d, axis=1)
-        # as the eager code: the row norm and the RMS are tensors of the parameter dtype, floored at 1e-8
-        norm = round_nearest(tl.sqrt(sum_sq), DTYPE).to(tl.float32)
-        rms = tl.maximum(round_nearest(norm / sqrt_cols, DTYPE).to(tl.float32), 1e-8)
-        _row_store(p_ptr, p, d, offsets, mask, rms, lr, decay, DTYPE, DECAY)
-        if TAIL:
-            _row_store(p_ptr, tail_p, tail_d, tail_offsets, tail_mask, rms, lr, decay, DTYPE, DECAY)
 
     @triton.jit
     def _column_update_kernel(p, d, rms, n_cols, total, lr, decay, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -338,7 +316,7 @@ if triton is not None:
     def _row_scaled_sub_kernel(p, u, factor, row_factors, n_rows, n_cols, lr, DTYPE: tl.constexpr, ROWS: tl.constexpr,
                                BLOCK: tl.constexpr):
         """One tensor: p <- p - lr * factor * round(u * row_factors[row]), as the eager m * row_factor, addcmul_."""
-        rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, 0, ROWS, BLOCK)
+        rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, ROWS, BLOCK)
         x = tl.load(p + offsets, mask=mask, other=0.0).to(tl.float32)
         update = tl.load(u + offsets, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(row_factors + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
@@ -349,7 +327,7 @@ if triton is not None:
     @triton.jit
     def _row_lerp_sumsq_kernel(m_addrs, g_addrs, row_sq, n_rows, n_cols, weight, DTYPE: tl.constexpr,
                                ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, 0, ROWS, BLOCK)
+        rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, ROWS, BLOCK)
         m, _ = _momentum_update(m_addrs, g_addrs, 0, offsets, mask, weight, DTYPE)
         tl.store(row_sq + rows, tl.sum(m * m, axis=1), mask=rows < n_rows)
 
@@ -393,19 +371,6 @@ def _row_launch(n_cols: int, shape: dict[str, int]) -> tuple[int, int, int]:
     return block, rows_per_program, warps
 
 
-def _split_row(n_cols: int, shape: dict[str, int]) -> tuple[int, int]:
-    """A row of n_cols >= MIN_SPLIT_ROW that is not a power of two, as two tiles: its largest power of two and a
-    narrower one for the rest (5461 columns: 4096 + 2048 lanes, 89% of them used, against 67% of one tile of
-    8192). Returns the tiles' widths, the second 0 where the row stays one tile padded to a power of two (also
-    where the rest needs a tile as wide as the first: no lanes saved)."""
-    block = triton.next_power_of_2(n_cols)
-    head = block // 2
-    tail = triton.next_power_of_2(n_cols - head)
-    if n_cols < shape["MIN_SPLIT_ROW"] or block == n_cols or tail == head:
-        return block, 0
-    return head, tail
-
-
 def _segment_sums(partials: torch.Tensor, first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Each tensor's sum of its blocks' partial sums (fp32), in a fixed order."""
     out = torch.empty(len(counts), dtype=torch.float32, device=partials.device)
@@ -423,13 +388,12 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
     shape = launch_shape(params[0].device)
     for dtype, (ps, ds, gs), _ in _by_dtype(params, directions, grads if momentum else directions):
         for (n_rows, n_cols), idx in _indices_by(tuple(p.shape for p in ps)).items():  # one launch per shape
-            _, rows_per_program, warps = _row_launch(n_cols, shape)
-            block, tail = _split_row(n_cols, shape)
+            block, rows_per_program, warps = _row_launch(n_cols, shape)
             blocks = -(-n_rows // rows_per_program)
             p_addrs, d_addrs, g_addrs = _addresses_at(idx, ps, ds, gs)
             _row_update_kernel[(blocks * len(idx),)](
                 p_addrs, d_addrs, g_addrs, n_rows, blocks, n_cols, lr, decay, float(n_cols) ** 0.5, weight,
-                DTYPE=triton_dtype(dtype), ROWS=rows_per_program, BLOCK=block, TAIL=tail, DECAY=decay != 1.0,
+                DTYPE=triton_dtype(dtype), ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0,
                 MOMENTUM=momentum, num_warps=warps)
 
 
