@@ -45,7 +45,9 @@ MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take th
 #   row kernels: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; ROW_WARPS for rows padded to at
 #   most LONG_ROW elements, LONG_ROW_WARPS beyond (H100, 1B and 7B shapes, bf16: 2048-wide rows 77% of the floor
 #   against 71-74% with 8 warps; 4096-wide 81% against 77% with 16; 5461-wide 66-72% against 45% with 16; on an
-#   H200 a 5461-wide row split into tiles of 4096 + 2048 was slower than one tile of 8192: SCALE 76-78% against 80%)
+#   H200 a 5461-wide row split into tiles of 4096 + 2048 was slower than one tile of 8192: SCALE 76-78% against 80%;
+#   so was a two-pass sweep of long rows in chunks of 512-4096 lanes at 7B, 12.56-13.18 ms against 12.19, and it
+#   gained under 1% at 1B)
 # H200 (1B, bf16): SGD-LL 83% of its floor at 512 / 4 warps against 79% at 1024 / 2; EMA-Nesterov 86% at 1024 / 2
 # against 77% at 512 / 4; SCALE 81% with 2 row warps against 78% with 4
 LAUNCH_SHAPES = {
