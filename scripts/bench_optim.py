@@ -12,8 +12,10 @@ SCALE, SGD-LL and EMA-Nesterov run their Triton kernels (llmopt/optim/kernels.py
 
 Floors (b = bytes per element, N = elements): fused AdamW reads p, g, m, v and writes p, m, v: 7Nb.
 SCALE reads g and p and writes p (one pass per row: a row fits on chip): 3Nb, plus 2b per lm_head
-element for its momentum. SGD-LL needs two passes (the per-tensor RMS clip needs the whole tensor's
-norm before any element is written): read g, m, write m; read m, p, write p: 6Nb. EMA-Nesterov's own
+element for its momentum and b per embedding element (the embedding is normalized by columns of 32000 rows,
+too tall to keep on chip: its gradient is read once for the column RMS, again for the update). SGD-LL needs
+two passes (the per-tensor RMS clip needs the whole tensor's norm before any element is written): read g, m,
+write m; read m, p, write p: 6Nb. EMA-Nesterov's own
 work: pre_forward reads p, m and writes p; after the base step it reads p, prev, m and writes m, prev:
 8Nb. Muon is bound by its matrix products, not memory: no floor is given. Two Muon cases: "muon" is
 MuonWithAdamW as trained (BatchedMuon: Newton-Schulz batched over same-shape matrices), "muon_torch_old"
@@ -133,11 +135,13 @@ def launch_shapes(shapes: dict[str, int]):
     return mock.patch.dict(kernels.launch_overrides, shapes)
 
 
-def floor_bytes(case: str, n: int, n_head: int, b: int) -> float | None:
+def floor_bytes(case: str, n: int, n_head: int, n_embed: int, b: int) -> float | None:
+    """The bytes a step must move (the module docstring's floors): n elements in all, n_head in lm_head, n_embed in
+    the input embedding, b bytes each. None where no floor is given."""
     if case.startswith("adamw"):
         return 7 * n * b
     if case.startswith("scale"):
-        return 3 * n * b + 2 * n_head * b
+        return 3 * n * b + 2 * n_head * b + n_embed * b
     if case.startswith("sgd_ll"):
         return 6 * n * b
     return None
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
                 print_profile(case, dtype_name, opt)
             n = sum(p.numel() for p in params)
             b = torch.tensor([], dtype=dtype).element_size()
-            floor = floor_bytes(case, n, model.lm_head.weight.numel(), b)
+            floor = floor_bytes(case, n, model.lm_head.weight.numel(), model.get_input_embeddings().weight.numel(),
+                                b)
             if case.startswith("ema_nesterov"):
                 floor = 8 * n * b  # the wrapper's own work, reported against its base below
             row = {"case": case, "dtype": dtype_name, "step_ms": seconds * 1e3,

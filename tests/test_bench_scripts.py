@@ -68,6 +68,18 @@ def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
         profile_step.main(["--flavor", "micro"])
 
 
+def test_bench_optim_floors():
+    """The bytes each step must move, per case (b = 2, bf16): AdamW 7 per element; SCALE 3, plus 2 per lm_head
+    element (its momentum) and 1 per embedding element (a second read of its gradient for the column RMS);
+    SGD-LL 6; none for the others."""
+    n, n_head, n_embed = 1000, 100, 50
+    assert bench_optim.floor_bytes("adamw_fused", n, n_head, n_embed, 2) == 14000
+    assert bench_optim.floor_bytes("scale", n, n_head, n_embed, 2) == 6000 + 400 + 100
+    assert bench_optim.floor_bytes("scale_eager", n, n_head, n_embed, 4) == 12000 + 800 + 200
+    assert bench_optim.floor_bytes("sgd_ll", n, n_head, n_embed, 2) == 12000
+    assert bench_optim.floor_bytes("muon", n, n_head, n_embed, 2) is None
+
+
 def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     """A sweep is only a fair comparison if the optimizer computes the same thing under every launch shape:
     SCALE + EMA-Nesterov and SGD-LL (every Triton kernel they use) with tiny blocks and one warp equal the
