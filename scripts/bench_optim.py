@@ -24,17 +24,20 @@ the same with torch.optim.Muon (the old path, `batched=False`); the "x torchMuon
 `--launch NAME=VALUE[,NAME=VALUE]` (repeatable) times each case again under other launch shapes of the Triton
 kernels (the constants of LAUNCH_SHAPES in llmopt/optim/kernels.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
 a launch sweep on a new device in one run, each extra row named "case[NAME=VALUE]" (device time only).
+`--row-shapes` (with the scale case) times SCALE's row kernel alone for each weight shape, against the bytes it
+moves: which shapes hold the kernel below its floor (rows "scale rows SHAPE xCOUNT", per launch shape too).
 
 Without CUDA it times on the CPU (wall clock, no bandwidth or floors): a smoke test, e.g.
   python scripts/bench_optim.py --flavor tiny --cases muon muon_torch_old --steps 3
 
 Usage: python scripts/bench_optim.py [--flavor 1b] [--dtypes bf16 fp32] [--cases ...] [--steps 15] [--out results.json]
-       [--profile] [--launch NAME=VALUE[,NAME=VALUE] ...]
+       [--profile] [--launch NAME=VALUE[,NAME=VALUE] ...] [--row-shapes]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -76,6 +79,11 @@ def time_steps(opt, steps=15, warmup=3, cuda=True, host_ahead=False) -> float:
         if hasattr(opt, "pre_forward"):
             opt.pre_forward()
         opt.step()
+    return time_calls(one, steps, warmup, cuda, host_ahead)
+
+
+def time_calls(one, steps=15, warmup=3, cuda=True, host_ahead=False) -> float:
+    """Median seconds per call of `one` (CUDA events; host_ahead: the GPU's time alone), or wall clock on CPU."""
     for _ in range(warmup):
         one()
     if cuda:
@@ -147,6 +155,33 @@ def floor_bytes(case: str, n: int, n_head: int, n_embed: int, b: int) -> float |
     return None
 
 
+def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None) -> list[dict]:
+    """SCALE's row kernel alone (kernels.row_normalized_update_, one launch per shape), per weight shape of the
+    model: every 2-D weight but the embedding, lm_head with its momentum (the step's row-kernel calls, one
+    shape at a time, on fresh random gradients). Rows as main()'s, the case named "scale rows SHAPE xCOUNT";
+    the floor is the bytes the kernel moves: 3 per element (read g and p, write p), 5 with the momentum."""
+    embedding, head = model.get_input_embeddings().weight, model.lm_head.weight
+    by_shape: dict[tuple, list] = {}
+    for p in model.parameters():
+        if p.dim() == 2 and p is not embedding and p is not head:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+    groups = [(params, False) for params in by_shape.values()] + ([([head], True)] if head is not embedding else [])
+    rows = []
+    for params, momentum in groups:
+        grads = [torch.randn_like(p) * 1e-3 for p in params]
+        directions = [torch.zeros_like(p) for p in params] if momentum else grads
+        one = functools.partial(kernels.row_normalized_update_, params, directions, 1e-3,
+                                grads=grads if momentum else None, weight=0.1)
+        seconds = time_calls(one, steps, cuda=cuda, host_ahead=cuda)
+        moved = (5 if momentum else 3) * sum(p.numel() * p.element_size() for p in params)
+        shape = "x".join(map(str, params[0].shape))
+        rows.append({"case": f"scale rows {shape} x{len(params)}" + (" +momentum" if momentum else ""),
+                     "step_ms": None if cuda else seconds * 1e3, "device_ms": seconds * 1e3 if cuda else None,
+                     "state_gb": 0.0, "floor_ms": moved / bandwidth * 1e3 if bandwidth else None, "wall_s": None,
+                     "part": True})
+    return rows
+
+
 def print_profile(case: str, dtype_name: str, opt) -> None:
     """Where the step's time goes: the kernels of 3 steps by device time, and the host's view."""
     from torch.profiler import ProfilerActivity, profile
@@ -167,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=15, help="timed steps per case (after 3 warm-up steps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print each case's kernels by device time")
+    ap.add_argument("--row-shapes", action="store_true",
+                    help="with the scale case: its row kernel alone, per weight shape (and per --launch)")
     ap.add_argument("--launch", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="time each case again with these launch constants of llmopt.optim.kernels (repeatable)")
     args = ap.parse_args(argv)
@@ -175,6 +212,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         ap.error(str(err))
     cuda = torch.cuda.is_available()
+    if args.row_shapes and ("scale" not in args.cases
+                            or not kernels.available([torch.zeros(1, device="cuda" if cuda else "cpu")])):
+        ap.error("--row-shapes times SCALE's Triton row kernel: it needs the scale case and a CUDA device (or "
+                 "TRITON_INTERPRET=1 on the CPU)")
     if not cuda:
         print("no CUDA device: timing on the CPU (wall clock; no bandwidth, no floors)", file=sys.stderr)
     device = torch.device("cuda" if cuda else "cpu")
@@ -216,12 +257,20 @@ def main(argv=None) -> int:
                 rows.append({**row, "case": f"{case}[{text}]", "step_ms": None if cuda else seconds * 1e3,
                              "device_ms": seconds * 1e3 if cuda else None, "wall_s": None})
                 print(json.dumps(rows[-1]), flush=True)
+            if args.row_shapes and case == "scale":
+                for text, shapes in [("", {}), *launches]:
+                    with launch_shapes(shapes):
+                        parts = row_kernel_rows(model, args.steps, cuda, bandwidth)
+                    for part in parts:
+                        rows.append({**part, "dtype": dtype_name,
+                                     "case": part["case"] + (f" [{text}]" if text else "")})
+                        print(json.dumps(rows[-1]), flush=True)
             del opt, model, params
             if cuda:
                 torch.cuda.empty_cache()
     by = {(r["case"], r["dtype"]): r for r in rows}
     for r in rows:
-        base = by.get(("adamw_fused", r["dtype"]))
+        base = None if r.get("part") else by.get(("adamw_fused", r["dtype"]))  # a part of a step: no ratios
         r["x_fused_adamw"] = r["step_ms"] / base["step_ms"] if base and r["step_ms"] else None
         r["device_x_fused_adamw"] = r["device_ms"] / base["device_ms"] if base and r["device_ms"] else None
         old_muon = by.get(("muon_torch_old", r["dtype"]))
@@ -237,13 +286,13 @@ def main(argv=None) -> int:
             "flavor": args.flavor, "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None,
             "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
-    print(f"{'case':28} {'dtype':5} {'step ms':>9} {'device ms':>9} {'x fusedAdamW':>12} {'(device)':>8} "
+    print(f"{'case':36} {'dtype':5} {'step ms':>9} {'device ms':>9} {'x fusedAdamW':>12} {'(device)':>8} "
           f"{'x torchMuon':>11} {'(device)':>8} {'floor ms':>9} {'of floor':>8} {'state GB':>9}")
 
     def fmt(value, spec):
         return format(value, spec) if value else "-"
     for r in rows:
-        print(f"{r['case']:28} {r['dtype']:5} {fmt(r['step_ms'], '9.2f'):>9} {fmt(r['device_ms'], '9.2f'):>9} "
+        print(f"{r['case']:36} {r['dtype']:5} {fmt(r['step_ms'], '9.2f'):>9} {fmt(r['device_ms'], '9.2f'):>9} "
               f"{fmt(r['x_fused_adamw'], '.2f'):>12} {fmt(r['device_x_fused_adamw'], '.2f'):>8} "
               f"{fmt(r['x_torch_muon'], '.3f'):>11} {fmt(r['device_x_torch_muon'], '.3f'):>8} "
               f"{fmt(r['floor_ms'], '.2f'):>9} "

@@ -128,6 +128,37 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     assert current() == defaults and kernels.launch_overrides == {}
 
 
+def test_bench_optim_row_shapes(capsys, tmp_path, monkeypatch):
+    """--row-shapes: SCALE's row kernel alone, a row per weight shape of the model (all 2-D weights but the
+    embedding, lm_head with its momentum) for the default launch and each --launch; no ratios to AdamW."""
+    from llmopt.model import build_model, llama_config
+    from llmopt.optim import kernels
+
+    model = build_model(llama_config("micro"))
+    counts = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            counts[tuple(p.shape)] = counts.get(tuple(p.shape), 0) + 1
+    shapes = [f"scale rows {'x'.join(map(str, s))} x{n}" for s, n in counts.items()]
+    head = f"scale rows {'x'.join(map(str, model.lm_head.weight.shape))} x1 +momentum"
+    out = tmp_path / "optim.json"
+    assert bench_optim.main(["--flavor", "micro", "--dtypes", "fp32", "--cases", "scale", "--steps", "1",
+                             "--row-shapes", "--launch", "ROW_WARPS=8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(counts) == 3  # attention, gate/up and down projections of the micro flavor
+    assert [r["case"] for r in rows] == ["scale", "scale[ROW_WARPS=8]", *shapes, head,
+                                         *(f"{c} [ROW_WARPS=8]" for c in [*shapes, head])]
+    for r in rows[2:]:
+        assert r["step_ms"] > 0 and r["x_fused_adamw"] is None and r["dtype"] == "fp32"
+    assert head in capsys.readouterr().out
+    monkeypatch.setattr(kernels, "available", lambda tensors: False)  # e.g. a CPU without the interpreter
+    for argv in (["--row-shapes"], ["--row-shapes", "--cases", "adamw_fused"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_optim.main(["--flavor", "micro", *argv])
+        assert exit_info.value.code == 2
+        assert "--row-shapes times SCALE's Triton row kernel" in capsys.readouterr().err
+
+
 def test_bench_optim_launch_rows_and_bad_launch_input(capsys, tmp_path):
     out = tmp_path / "optim.json"
     assert bench_optim.main(["--flavor", "micro", "--dtypes", "fp32", "--cases", "adamw_fused", "scale", "--steps",
