@@ -15,11 +15,11 @@ SCALE reads g and p and writes p (one pass per row: a row fits on chip): 3Nb, pl
 element for its momentum and b per embedding element (the embedding is normalized by columns of 32000 rows,
 too tall to keep on chip: its gradient is read once for the column RMS, again for the update). SGD-LL needs
 two passes (the per-tensor RMS clip needs the whole tensor's norm before any element is written): read g, m,
-write m; read m, p, write p: 6Nb. EMA-Nesterov's own
-work: pre_forward reads p, m and writes p; after the base step it reads p, prev, m and writes m, prev:
-8Nb. Muon is bound by its matrix products, not memory: no floor is given. Two Muon cases: "muon" is
-MuonWithAdamW as trained (BatchedMuon: Newton-Schulz batched over same-shape matrices), "muon_torch_old"
-the same with torch.optim.Muon (the old path, `batched=False`); the "x torchMuon" column is their ratio.
+write m; read m, p, write p: 6Nb. EMA-Nesterov's own work: pre_forward reads p, m and writes p; after the base
+step it reads p, prev, m and writes m, prev: 8Nb. Muon is bound by its matrix products, not memory: no floor
+is given. Two Muon cases: "muon" is MuonWithAdamW as trained (BatchedMuon: Newton-Schulz batched over
+same-shape matrices), "muon_torch_old" the same with torch.optim.Muon (the old path, `batched=False`); the
+"x torchMuon" column is their ratio.
 
 `--launch NAME=VALUE[,NAME=VALUE]` (repeatable) times each case again under other launch shapes of the Triton
 kernels (the constants of LAUNCH_SHAPES in llmopt/optim/kernels.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
@@ -47,7 +47,7 @@ from unittest import mock
 import torch
 
 from llmopt.model import build_model, llama_config
-from llmopt.optim import build_optimizer, kernels, state_bytes
+from llmopt.optim import build_optimizer, classify_parameters, kernels, state_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -157,15 +157,14 @@ def floor_bytes(case: str, n: int, n_head: int, n_embed: int, b: int) -> float |
 
 def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None) -> list[dict]:
     """SCALE's row kernel alone (kernels.row_normalized_update_, one launch per shape), per weight shape of the
-    model: every 2-D weight but the embedding, lm_head with its momentum (the step's row-kernel calls, one
-    shape at a time, on fresh random gradients). Rows as main()'s, the case named "scale rows SHAPE xCOUNT";
-    the floor is the bytes the kernel moves: 3 per element (read g and p, write p), 5 with the momentum."""
-    embedding, head = model.get_input_embeddings().weight, model.lm_head.weight
+    model: the hidden matrices, and lm_head with its momentum (the roles SCALE sends to it; the step's row-kernel
+    calls, one shape at a time, on fresh random gradients). Rows as main()'s, the case named "scale rows SHAPE
+    xCOUNT"; the floor is the bytes the kernel moves: 3 per element (read g and p, write p), 5 with the momentum."""
+    roles = classify_parameters(model)
     by_shape: dict[tuple, list] = {}
-    for p in model.parameters():
-        if p.dim() == 2 and p is not embedding and p is not head:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-    groups = [(params, False) for params in by_shape.values()] + ([([head], True)] if head is not embedding else [])
+    for p in roles.params("matrix"):
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    groups = [(params, False) for params in by_shape.values()] + [([head], True) for head in roles.params("output")]
     rows = []
     for params, momentum in groups:
         grads = [torch.randn_like(p) * 1e-3 for p in params]
