@@ -155,11 +155,14 @@ def floor_bytes(case: str, n: int, n_head: int, n_embed: int, b: int) -> float |
     return None
 
 
-def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None) -> list[dict]:
+def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None, references: bool = True) -> list[dict]:
     """SCALE's row kernel alone (kernels.row_normalized_update_, one launch per shape), per weight shape of the
     model: the hidden matrices, and lm_head with its momentum (the roles SCALE sends to it; the step's row-kernel
     calls, one shape at a time, on fresh random gradients). Rows as main()'s, the case named "scale rows SHAPE
-    xCOUNT"; the floor is the bytes the kernel moves: 3 per element (read g and p, write p), 5 with the momentum."""
+    xCOUNT"; the floor is the bytes the kernel moves: 3 per element (read g and p, write p), 5 with the momentum.
+    With `references`, beside each shape without momentum the same bytes moved with no reduction (torch's in-place
+    add, over the tensors and over one flat tensor: "add_ SHAPE xCOUNT", "add_ flat N"): what a plain stream
+    reaches."""
     roles = classify_parameters(model)
     by_shape: dict[tuple, list] = {}
     for p in roles.params("matrix"):
@@ -167,17 +170,27 @@ def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None) -> l
     groups = [(params, False) for params in by_shape.values()] + [([head], True) for head in roles.params("output")]
     rows = []
     for params, momentum in groups:
+        flat = None
         grads = [torch.randn_like(p) * 1e-3 for p in params]
         directions = [torch.zeros_like(p) for p in params] if momentum else grads
         one = functools.partial(kernels.row_normalized_update_, params, directions, 1e-3,
                                 grads=grads if momentum else None, weight=0.1)
-        seconds = time_calls(one, steps, cuda=cuda, host_ahead=cuda)
         moved = (5 if momentum else 3) * sum(p.numel() * p.element_size() for p in params)
         shape = "x".join(map(str, params[0].shape))
-        rows.append({"case": f"scale rows {shape} x{len(params)}" + (" +momentum" if momentum else ""),
-                     "step_ms": None if cuda else seconds * 1e3, "device_ms": seconds * 1e3 if cuda else None,
-                     "state_gb": 0.0, "floor_ms": moved / bandwidth * 1e3 if bandwidth else None, "wall_s": None,
-                     "part": True})
+        timed = [(f"scale rows {shape} x{len(params)}" + (" +momentum" if momentum else ""), one)]
+        if references and not momentum:  # the same bytes, no reduction: torch's add, per tensor and one flat tensor
+            flat = functools.partial(torch.Tensor.add_, torch.cat([p.flatten() for p in params]),
+                                     torch.cat([g.flatten() for g in grads]), alpha=-1e-3)
+            timed += [(f"add_ {shape} x{len(params)}", functools.partial(torch._foreach_add_, params, grads,
+                                                                          alpha=-1e-3)),
+                      (f"add_ flat {flat.args[0].numel()}", flat)]
+        for case, call in timed:
+            with torch.no_grad():
+                seconds = time_calls(call, steps, cuda=cuda, host_ahead=cuda)
+            rows.append({"case": case, "step_ms": None if cuda else seconds * 1e3,
+                         "device_ms": seconds * 1e3 if cuda else None, "state_gb": 0.0,
+                         "floor_ms": moved / bandwidth * 1e3 if bandwidth else None, "wall_s": None, "part": True})
+        del grads, directions, timed, flat  # and the flat copies with them
     return rows
 
 
@@ -259,7 +272,7 @@ def main(argv=None) -> int:
             if args.row_shapes and case == "scale":
                 for text, shapes in [("", {}), *launches]:
                     with launch_shapes(shapes):
-                        parts = row_kernel_rows(model, args.steps, cuda, bandwidth)
+                        parts = row_kernel_rows(model, args.steps, cuda, bandwidth, references=not text)
                     for part in parts:
                         rows.append({**part, "dtype": dtype_name,
                                      "case": part["case"] + (f" [{text}]" if text else "")})

@@ -56,7 +56,7 @@ def profile_breakdown(step, steps: int = 3) -> dict:
             by_kind[kernel_kind(event.name)] += ms
             by_name[event.name[:80]] += ms
     busy = sum(by_kind.values()) / (wall * 1e3 / steps)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:25]
     return {"gpu_ms": {k: round(v, 2) for k, v in sorted(by_kind.items())}, "gpu_busy": round(busy, 3),
             "top_kernels_ms": {k: round(v, 2) for k, v in top}}
 

@@ -9,32 +9,41 @@ TRITON_INTERPRET (tests/test_kernels.py starts it in a subprocess): `python -m t
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 # per kernel: its pointer arguments' types ("*D": the kernel's DTYPE) and the constexpr variants the code launches
 SPECS = {
     "_row_update_kernel": (
         {"p_addrs": "*i64", "d_addrs": "*i64", "g_addrs": "*i64"},
-        [dict(ROWS=1, BLOCK=2048, DECAY=True, MOMENTUM=True), dict(ROWS=8, BLOCK=256, DECAY=False, MOMENTUM=False)]),
+        [dict(ROWS=1, BLOCK=2048, DECAY=True, MOMENTUM=True, ALIGNED=True),
+         dict(ROWS=8, BLOCK=256, DECAY=False, MOMENTUM=False, ALIGNED=True),
+         dict(ROWS=1, BLOCK=8192, DECAY=True, MOMENTUM=False, ALIGNED=False)]),
     "_column_update_kernel": ({"p": "*D", "d": "*D", "rms": "*D"}, [dict(BLOCK=1024, DECAY=True)]),
-    "_lerp_sumsq_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "partials": "*fp32"}, [dict(BLOCK=512)]),
+    "_lerp_sumsq_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "partials": "*fp32"},
+                           [dict(BLOCK=512, ALIGNED=True)]),
     "_segment_sum_kernel": ({"partials": "*fp32", "first_block": "*i64", "blocks_of": "*i32", "out": "*fp32"},
                             [dict(BLOCK=1024)]),
     "_scaled_sub_kernel": ({"p_addrs": "*i64", "u_addrs": "*i64", "factors": "*fp32", "list_index": "*i32"},
-                           [dict(BLOCK=512)]),
+                           [dict(BLOCK=512, ALIGNED=True)]),
     "_row_scaled_sub_kernel": ({"p": "*D", "u": "*D", "factor": "*fp32", "row_factors": "*D"},
                                [dict(ROWS=1, BLOCK=2048)]),
-    "_row_lerp_sumsq_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "row_sq": "*fp32"}, [dict(ROWS=1, BLOCK=2048)]),
-    "_ema_momentum_kernel": ({"m_addrs": "*i64", "prev_addrs": "*i64", "p_addrs": "*i64"}, [dict(BLOCK=1024)]),
+    "_row_lerp_sumsq_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "row_sq": "*fp32"},
+                               [dict(ROWS=1, BLOCK=2048, ALIGNED=True)]),
+    "_ema_momentum_kernel": ({"m_addrs": "*i64", "prev_addrs": "*i64", "p_addrs": "*i64"},
+                             [dict(BLOCK=1024, ALIGNED=True), dict(BLOCK=1024, ALIGNED=False)]),
     "_muon_stack_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "stack": "*bf16", "partials": "*fp32"},
-                           [dict(NESTEROV=True, BLOCK=1024), dict(NESTEROV=False, BLOCK=1024)]),
+                           [dict(NESTEROV=True, BLOCK=1024, ALIGNED=True), dict(NESTEROV=False, BLOCK=1024,
+                                                                                 ALIGNED=False)]),
     "_divide_stack_kernel": ({"stack": "*bf16", "divisors": "*fp32"}, [dict(BLOCK=1024)]),
 }
 FLOAT_SCALARS = {"lr", "decay", "sqrt_cols", "weight", "gamma", "momentum"}  # the other scalars are integers
 
 
 def compile_all() -> list[str]:
-    """Compile every kernel variant; returns a line per variant. Raises on the first kernel that fails."""
+    """Compile every kernel variant; returns a line per variant, "NAME DTYPE VARIANT LOADS: ok", LOADS the widest
+    load of the machine code ("vector" or "scalar"; the launches' specialization assumed: pointers and integers
+    multiples of 16, as for a 2048-wide weight). Raises on the first kernel that fails."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -65,10 +74,14 @@ def compile_all() -> list[str]:
                     else:
                         signature[n] = "fp32" if n in FLOAT_SCALARS else "i32"
                 source = ASTSource(fn=fn, signature=signature,
-                                   constexprs={(names.index(n),): v for n, v in values.items()})
+                                   constexprs={(names.index(n),): v for n, v in values.items()},
+                                   attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names
+                                          if signature[n] != "constexpr" and n not in FLOAT_SCALARS})
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
                 assert compiled.asm.get("cubin"), f"{name}: no cubin"
-                lines.append(f"{name} {dtype_name} {variant}: ok")
+                # a data load: of bf16/fp32 elements (the address tables' loads are of single int64 values)
+                vector = re.search(r"ld\.global(\.\w+)*\.v[24]\.b32", compiled.asm["ptx"])
+                lines.append(f"{name} {dtype_name} {variant} {'vector' if vector else 'scalar'}: ok")
     return lines
 
 

@@ -130,7 +130,8 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
 
 def test_bench_optim_row_shapes(capsys, tmp_path, monkeypatch):
     """--row-shapes: SCALE's row kernel alone, a row per weight shape of the model (all 2-D weights but the
-    embedding, lm_head with its momentum) for the default launch and each --launch; no ratios to AdamW."""
+    embedding, lm_head with its momentum) for the default launch and each --launch, and torch's in-place add over
+    the same bytes beside each shape without momentum (default launch only); no ratios to AdamW."""
     from llmopt.model import build_model, llama_config
     from llmopt.optim import kernels
 
@@ -140,13 +141,15 @@ def test_bench_optim_row_shapes(capsys, tmp_path, monkeypatch):
         if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
             counts[tuple(p.shape)] = counts.get(tuple(p.shape), 0) + 1
     shapes = [f"scale rows {'x'.join(map(str, s))} x{n}" for s, n in counts.items()]
+    references = [[f"add_ {'x'.join(map(str, s))} x{n}", f"add_ flat {s[0] * s[1] * n}"] for s, n in counts.items()]
     head = f"scale rows {'x'.join(map(str, model.lm_head.weight.shape))} x1 +momentum"
     out = tmp_path / "optim.json"
     assert bench_optim.main(["--flavor", "micro", "--dtypes", "fp32", "--cases", "scale", "--steps", "1",
                              "--row-shapes", "--launch", "ROW_WARPS=8", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(counts) == 3  # attention, gate/up and down projections of the micro flavor
-    assert [r["case"] for r in rows] == ["scale", "scale[ROW_WARPS=8]", *shapes, head,
+    with_references = [case for shape, refs in zip(shapes, references) for case in (shape, *refs)]
+    assert [r["case"] for r in rows] == ["scale", "scale[ROW_WARPS=8]", *with_references, head,
                                          *(f"{c} [ROW_WARPS=8]" for c in [*shapes, head])]
     for r in rows[2:]:
         assert r["step_ms"] > 0 and r["x_fused_adamw"] is None and r["dtype"] == "fp32"

@@ -52,13 +52,21 @@ def test_kernels_can_run_here():
 def test_kernels_compile_for_the_gpu():
     """Every kernel, each dtype and launch variant the code uses, through Triton's compiler to sm_90 machine code
     (tests/gpu_compile.py, in a subprocess without the interpreter): code that the interpreter runs but the compiler
-    refuses fails here, also on a machine without a GPU."""
+    refuses fails here, also on a machine without a GPU. The kernels that read their tensors' addresses from a table
+    load vectors when told the tensors are aligned (ALIGNED), single elements when not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.gpu_compile"], cwd=Path(__file__).parents[1], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    compiled = {line.split()[0] for line in result.stdout.splitlines() if line.endswith(": ok")}
-    assert compiled == set(gpu_compile.SPECS), compiled
+    lines = [line for line in result.stdout.splitlines() if line.endswith(": ok")]
+    assert {line.split()[0] for line in lines} == set(gpu_compile.SPECS), lines
+    # the alignment hint: a kernel reading its tensors' addresses from a table issues vector loads only with it
+    for line in lines:
+        if "'ALIGNED': True" in line:
+            assert line.endswith("vector: ok"), line
+        if "'ALIGNED': False" in line:
+            assert line.endswith("scalar: ok"), line
+    assert sum("'ALIGNED': False" in line for line in lines) >= 2
 
 
 def test_launch_shapes_by_device_kind(monkeypatch):
@@ -67,8 +75,15 @@ def test_launch_shapes_by_device_kind(monkeypatch):
     default = kernels.LAUNCH_SHAPES["default"]
     assert set(default) == set(kernels.LAUNCH_CONSTANTS)
     assert kernels.shape_for_device("NVIDIA H100 80GB HBM3") == default
+    for kind, values in kernels.LAUNCH_SHAPES.items():  # the committed entries only name known constants
+        assert set(values) <= set(default), kind
+    # a kind's entry over the default, for every device whose name contains the key (a table entry made here, so
+    # that the rule is tested whichever kinds the committed table holds)
+    monkeypatch.setitem(kernels.LAUNCH_SHAPES, "H200", {"ELEMENTS_PER_PROGRAM": 512, "ROW_WARPS": 2})
     h200 = kernels.shape_for_device("NVIDIA H200")
-    assert h200 == {**default, **kernels.LAUNCH_SHAPES["H200"]} and h200 != default
+    assert h200 == {**default, "ELEMENTS_PER_PROGRAM": 512, "ROW_WARPS": 2} and h200 != default
+    assert kernels.shape_for_device("NVIDIA GH200 480GB") == h200
+    assert kernels.shape_for_device("NVIDIA H100 80GB HBM3") == default
     assert kernels.launch_shape(torch.device("cpu")) == default
     monkeypatch.setitem(kernels.launch_overrides, "ROW_WARPS", 1)
     assert kernels.launch_shape(torch.device("cpu")) == {**default, "ROW_WARPS": 1}
@@ -267,6 +282,51 @@ def test_ema_momentum(device, gamma):
     for i, (m, q, p, e) in enumerate(zip(momenta, prev, params, expected)):
         assert_close(m.cpu(), e.cpu(), f"momentum {i}", tol=1e-6)
         assert torch.equal(q, p), f"prev {i} must hold the new parameters"
+
+
+def views_at_odd_offsets(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `like` as views one element into a buffer each: not on a VECTOR_BYTES boundary."""
+    out = []
+    for t in like:
+        buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buffer[1:].view(t.shape)
+        view.copy_(t)
+        out.append(view)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_on_misaligned_tensors_match_aligned(device):
+    """Tensors that start off a VECTOR_BYTES boundary (views into a buffer) take the kernels' element-wise loads
+    (on a GPU, a vector load there would fault) and give the values of aligned copies (within a unit in the last
+    place: the sums' order may differ); so do rows whose
+    length puts them off one (5461 bf16 columns, the 1B flavor's down projection)."""
+    shapes = [(6, 37), (3, 4097), (4, 64)]
+    fresh = tensors(shapes, torch.bfloat16, device, 30)
+    odd = views_at_odd_offsets(fresh)
+    assert kernels.aligned(fresh) and not kernels.aligned(fresh, odd[:1])
+    assert kernels.rows_aligned(2048, torch.bfloat16) and kernels.rows_aligned(4, torch.float32)
+    assert not kernels.rows_aligned(5461, torch.bfloat16) and not kernels.rows_aligned(2, torch.float32)
+    directions = tensors(shapes, torch.bfloat16, device, 31, scale=1e-2)
+    grads = tensors(shapes, torch.bfloat16, device, 32, scale=1e-2)
+    prev = tensors(shapes, torch.bfloat16, device, 33)
+    calls = [
+        lambda ps, ds, gs, qs: kernels.row_normalized_update_(ps, ds, 0.1, decay=0.9, grads=gs, weight=0.2),
+        lambda ps, ds, gs, qs: kernels.scaled_sub_(ps, ds, torch.linspace(0.5, 1, len(ps), device=device), 0.1),
+        lambda ps, ds, gs, qs: kernels.ema_momentum_(ds, qs, ps, 0.9),
+        lambda ps, ds, gs, qs: kernels.lerp_sumsq_(ds, gs, 0.3),
+    ]
+    for i, call in enumerate(calls):
+        aligned = [[t.clone() for t in ts] for ts in (fresh, directions, grads, prev)]
+        misaligned = [views_at_odd_offsets(ts) for ts in (fresh, directions, grads, prev)]
+        out_aligned, out_misaligned = call(*aligned), call(*misaligned)
+        # on a GPU the two may sum in different orders (Triton lays the tile out by the loads' width)
+        if out_aligned is not None:
+            torch.testing.assert_close(out_misaligned, out_aligned, rtol=1e-5, atol=0, msg=f"call {i}: sums")
+        for a, m in zip(aligned, misaligned):
+            for j, (x, y) in enumerate(zip(a, m)):
+                within_ulps(y.cpu(), x.cpu(), f"call {i}: tensor {j}", ulps=1, floor=1e-2)
+        assert not all(torch.equal(x, y) for x, y in zip(aligned[0] + aligned[1], fresh + directions)), f"call {i}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 A kernel over a list of tensors launches once per size (shape, for the row kernels): the tensors'
 addresses sit in a device table (the multi-tensor scheme of apex and torch's foreach kernels), and since
 a launch's tensors are all alike, a program finds its tensor and block from its index alone, with no
-per-block table to read before its data (measured on an H200: benchmarks/RESULTS.md). All arithmetic is
+per-block table to read before its data (measured on an H200: benchmarks/RESULTS.md). Where the tensors (and,
+for the row kernels, their rows) start on 16-byte boundaries, the kernels say so (ALIGNED) and load 16 bytes per
+instruction; an address read from a table carries no alignment the compiler could see. All arithmetic is
 in fp32; values are rounded to the tensors' dtype where the eager code rounds them, so a kernel's result
 equals the eager one within one rounding of the last bit (tests/test_kernels.py).
 
@@ -38,23 +40,21 @@ except ImportError:  # CPU-only installs without triton: the optimizers use thei
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROW = 16384  # longest row the row kernel keeps on chip; longer rows take the eager path
 # Launch shapes by device kind, from launch sweeps (scripts/bench_optim.py --launch; benchmarks/RESULTS.md). The
-# "default" entry was measured on an H100; a GPU whose name contains another key takes that entry's values over it
-# (so "NVIDIA GH200 ..." takes the H200's too, unmeasured: the same SMs and a like memory bandwidth).
+# "default" entry was measured on an H100; a GPU whose name contains another key would take that entry's values over
+# it (none needed so far: on an H200, with vector loads, no other shape measured faster; the H200 entry that element
+# loads needed was removed, its 512-element blocks now slower: SGD-LL 92% of its floor against 100%).
 #   element-wise kernels: ELEMENTS_PER_PROGRAM, ELEMENT_WARPS; EMA-Nesterov's (three tensors read, two written)
-#   its own pair, as it prefers other shapes than the two-read, one-write kernels of SGD-LL on an H200
+#   its own pair (with element loads, the H200 preferred other shapes for it than for SGD-LL's kernels)
 #   row kernels: rows per program = ROW_ELEMENTS_PER_PROGRAM // padded row length; ROW_WARPS for rows padded to at
-#   most LONG_ROW elements, LONG_ROW_WARPS beyond (H100, 1B and 7B shapes, bf16: 2048-wide rows 77% of the floor
-#   against 71-74% with 8 warps; 4096-wide 81% against 77% with 16; 5461-wide 66-72% against 45% with 16; on an
-#   H200 a 5461-wide row split into tiles of 4096 + 2048 was slower than one tile of 8192: SCALE 76-78% against 80%;
-#   so was a two-pass sweep of long rows in chunks of 512-4096 lanes at 7B, 12.56-13.18 ms against 12.19, and it
-#   gained under 1% at 1B)
-# H200 (1B, bf16): SGD-LL 83% of its floor at 512 / 4 warps against 79% at 1024 / 2; EMA-Nesterov 86% at 1024 / 2
-# against 77% at 512 / 4; SCALE 81% with 2 row warps against 78% with 4
+#   most LONG_ROW elements, LONG_ROW_WARPS beyond (H100, element loads, 1B and 7B shapes, bf16: 2048-wide rows 77%
+#   of the floor against 71-74% with 8 warps; 4096-wide 81% against 77% with 16; 5461-wide 66-72% against 45% with
+#   16; on an H200 neither two tiles per long row nor a two-pass sweep in chunks was faster than one padded tile)
+# H200, 1B bf16, vector loads, these shapes (2026-12-03): SCALE 93% of its floor, SGD-LL 100%, EMA-Nesterov's own
+# work 94%; SCALE's 5461-wide rows (2 bytes off alignment: element loads) stay at 68%
 LAUNCH_SHAPES = {
     "default": {"ELEMENTS_PER_PROGRAM": 2048, "ELEMENT_WARPS": 4, "EMA_ELEMENTS_PER_PROGRAM": 2048,
                 "EMA_ELEMENT_WARPS": 4, "ROW_ELEMENTS_PER_PROGRAM": 2048, "ROW_WARPS": 4, "LONG_ROW": 4096,
                 "LONG_ROW_WARPS": 32},
-    "H200": {"ELEMENTS_PER_PROGRAM": 512, "EMA_ELEMENTS_PER_PROGRAM": 1024, "EMA_ELEMENT_WARPS": 2, "ROW_WARPS": 2},
 }
 LAUNCH_CONSTANTS = tuple(LAUNCH_SHAPES["default"])
 # set by a launch sweep or a test, over the table for every device (each a power of two)
@@ -112,6 +112,21 @@ def device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> to
 def _addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors' data pointers as a device table (cached: a model's parameters and states stay put)."""
     return device_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
+
+
+VECTOR_BYTES = 16  # a GPU thread's widest load: 8 bf16 or 4 fp32 values in one instruction
+
+
+def aligned(*lists: list[torch.Tensor]) -> bool:
+    """Whether every tensor starts on a VECTOR_BYTES boundary: then the kernels tell Triton so, and it issues vector
+    loads (a pointer read from an address table carries no alignment Triton can see: without the hint every
+    element is a load of its own). The row kernels also need each row to start on one (rows_aligned)."""
+    return all(t.data_ptr() % VECTOR_BYTES == 0 for tensors in lists for t in tensors)
+
+
+def rows_aligned(n_cols: int, dtype: torch.dtype) -> bool:
+    """Whether rows of n_cols elements of `dtype` each start on a VECTOR_BYTES boundary (in an aligned tensor)."""
+    return n_cols * dtype.itemsize % VECTOR_BYTES == 0
 
 
 def check_launch_constants(names) -> None:
@@ -195,6 +210,7 @@ def _by_dtype(*lists: list[torch.Tensor]):
 
 if triton is not None:
     _INTERPRETING = tl.constexpr(INTERPRET)
+    _VECTOR_BYTES = tl.constexpr(VECTOR_BYTES)
 
     @triton.jit
     def round_nearest(x, DTYPE: tl.constexpr):
@@ -207,15 +223,15 @@ if triton is not None:
         return x.to(DTYPE)
 
     @triton.jit
-    def _pointer(addrs, t, DTYPE: tl.constexpr):
-        """Tensor t's data pointer, from a table of addresses."""
-        return tl.load(addrs + t).to(tl.pointer_type(DTYPE))
-
-    @triton.jit
-    def _load(addrs, t, offsets, mask, DTYPE: tl.constexpr):
-        """Tensor t's pointer (from a table of addresses) and its values at `offsets`, in fp32."""
-        ptr = _pointer(addrs, t, DTYPE)
-        return ptr, tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    def _load(addrs, t, offsets, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Tensor t's pointers at `offsets` (its address from a table) and its values there, in fp32. ALIGNED: the
+        tensor and the tile's rows start on VECTOR_BYTES boundaries (see aligned()), so Triton may load vectors."""
+        ptrs = tl.load(addrs + t).to(tl.pointer_type(DTYPE)) + offsets
+        if ALIGNED and len(ptrs.shape) == 2:  # a row tile: every row starts aligned too
+            ptrs = tl.multiple_of(ptrs, [_VECTOR_BYTES, _VECTOR_BYTES])
+        elif ALIGNED:
+            ptrs = tl.multiple_of(ptrs, _VECTOR_BYTES)
+        return ptrs, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _lerp(start, end, weight):
@@ -223,12 +239,12 @@ if triton is not None:
         return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
 
     @triton.jit
-    def _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE: tl.constexpr):
+    def _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
         """m <- lerp(m, g, weight) at tensor t's `offsets`, stored; returns the new m and g in fp32."""
-        m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
-        _, g = _load(g_addrs, t, offsets, mask, DTYPE)
+        m_ptrs, m = _load(m_addrs, t, offsets, mask, DTYPE, ALIGNED)
+        _, g = _load(g_addrs, t, offsets, mask, DTYPE, ALIGNED)
         m = round_nearest(_lerp(m, g, weight), DTYPE)
-        tl.store(m_ptr + offsets, m, mask=mask)
+        tl.store(m_ptrs, m, mask=mask)
         return m.to(tl.float32), g
 
     @triton.jit
@@ -257,21 +273,21 @@ if triton is not None:
     @triton.jit
     def _row_update_kernel(p_addrs, d_addrs, g_addrs, n_rows, blocks_per_tensor, n_cols, lr, decay, sqrt_cols, weight,
                            DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, DECAY: tl.constexpr,
-                           MOMENTUM: tl.constexpr):
+                           MOMENTUM: tl.constexpr, ALIGNED: tl.constexpr):
         pid = tl.program_id(0)  # tensors of one shape: program -> tensor, block of ROWS rows
         t = pid // blocks_per_tensor
         _, offsets, mask = _row_tile(pid - t * blocks_per_tensor, n_rows, n_cols, ROWS, BLOCK)
         if MOMENTUM:  # d is a momentum buffer: d <- lerp(d, g, weight) first
-            d, _ = _momentum_update(d_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
+            d, _ = _momentum_update(d_addrs, g_addrs, t, offsets, mask, weight, DTYPE, ALIGNED)
         else:
-            _, d = _load(d_addrs, t, offsets, mask, DTYPE)
-        p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)  # issued before the reduction waits
+            _, d = _load(d_addrs, t, offsets, mask, DTYPE, ALIGNED)
+        p_ptrs, p = _load(p_addrs, t, offsets, mask, DTYPE, ALIGNED)  # issued before the reduction waits
         # as the eager code: the row norm and the RMS are tensors of the parameter dtype, floored at 1e-8
         norm = round_nearest(tl.sqrt(tl.sum(d * d, axis=1)), DTYPE).to(tl.float32)
         rms = tl.maximum(round_nearest(norm / sqrt_cols, DTYPE).to(tl.float32), 1e-8)
         if DECAY:
             p = round_nearest(p * decay, DTYPE).to(tl.float32)
-        tl.store(p_ptr + offsets, round_nearest(p + (-lr) * (d / rms[:, None]), DTYPE), mask=mask)
+        tl.store(p_ptrs, round_nearest(p + (-lr) * (d / rms[:, None]), DTYPE), mask=mask)
 
     @triton.jit
     def _column_update_kernel(p, d, rms, n_cols, total, lr, decay, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -286,9 +302,9 @@ if triton is not None:
 
     @triton.jit
     def _lerp_sumsq_kernel(m_addrs, g_addrs, partials, numel, blocks_per_tensor, weight, DTYPE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
-        m, _ = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
+        m, _ = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE, ALIGNED)
         tl.store(partials + tl.program_id(0), tl.sum(m * m, axis=0))
 
     @triton.jit
@@ -305,14 +321,14 @@ if triton is not None:
 
     @triton.jit
     def _scaled_sub_kernel(p_addrs, u_addrs, factors, list_index, numel, blocks_per_tensor, lr, DTYPE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
-        p_ptr, p = _load(p_addrs, t, offsets, mask, DTYPE)
-        _, u = _load(u_addrs, t, offsets, mask, DTYPE)
+        p_ptrs, p = _load(p_addrs, t, offsets, mask, DTYPE, ALIGNED)
+        _, u = _load(u_addrs, t, offsets, mask, DTYPE, ALIGNED)
         # the tensor's factor (factors in list order, t its index in the group), in the parameter dtype as eager;
         # read after the data's loads are issued, so that its two dependent loads wait beside them, not before
         factor = round_nearest(tl.load(factors + tl.load(list_index + t)), DTYPE).to(tl.float32)
-        tl.store(p_ptr + offsets, round_nearest(p + (-lr) * u * factor, DTYPE), mask=mask)
+        tl.store(p_ptrs, round_nearest(p + (-lr) * u * factor, DTYPE), mask=mask)
 
     @triton.jit
     def _row_scaled_sub_kernel(p, u, factor, row_factors, n_rows, n_cols, lr, DTYPE: tl.constexpr, ROWS: tl.constexpr,
@@ -328,27 +344,27 @@ if triton is not None:
 
     @triton.jit
     def _row_lerp_sumsq_kernel(m_addrs, g_addrs, row_sq, n_rows, n_cols, weight, DTYPE: tl.constexpr,
-                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                               ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         rows, offsets, mask = _row_tile(tl.program_id(0), n_rows, n_cols, ROWS, BLOCK)
-        m, _ = _momentum_update(m_addrs, g_addrs, 0, offsets, mask, weight, DTYPE)
+        m, _ = _momentum_update(m_addrs, g_addrs, 0, offsets, mask, weight, DTYPE, ALIGNED)
         tl.store(row_sq + rows, tl.sum(m * m, axis=1), mask=rows < n_rows)
 
     @triton.jit
     def _ema_momentum_kernel(m_addrs, prev_addrs, p_addrs, numel, blocks_per_tensor, gamma, DTYPE: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
-        _, p = _load(p_addrs, t, offsets, mask, DTYPE)
-        prev_ptr, prev = _load(prev_addrs, t, offsets, mask, DTYPE)
-        m_ptr, m = _load(m_addrs, t, offsets, mask, DTYPE)
-        tl.store(m_ptr + offsets, round_nearest(gamma * m + (1.0 - gamma) * (p - prev), DTYPE), mask=mask)
-        tl.store(prev_ptr + offsets, p.to(DTYPE), mask=mask)  # exact: p was a DTYPE value
+        _, p = _load(p_addrs, t, offsets, mask, DTYPE, ALIGNED)
+        prev_ptrs, prev = _load(prev_addrs, t, offsets, mask, DTYPE, ALIGNED)
+        m_ptrs, m = _load(m_addrs, t, offsets, mask, DTYPE, ALIGNED)
+        tl.store(m_ptrs, round_nearest(gamma * m + (1.0 - gamma) * (p - prev), DTYPE), mask=mask)
+        tl.store(prev_ptrs, p.to(DTYPE), mask=mask)  # exact: p was a DTYPE value
 
     @triton.jit
     def _muon_stack_kernel(m_addrs, g_addrs, stack, partials, numel, blocks_per_tensor, cols, matrix_stride,
                            row_stride, weight, momentum, DTYPE: tl.constexpr, NESTEROV: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
         t, offsets, mask = _element_block(numel, blocks_per_tensor, BLOCK)
-        u, g = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE)
+        u, g = _momentum_update(m_addrs, g_addrs, t, offsets, mask, weight, DTYPE, ALIGNED)
         if NESTEROV:
             u = round_nearest(_lerp(g, u, momentum), DTYPE).to(tl.float32)
         u = round_nearest(u, tl.bfloat16)  # torch: the update in p's dtype, then .bfloat16()
@@ -388,6 +404,7 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
     MAX_ROW long."""
     momentum = grads is not None
     shape = launch_shape(params[0].device)
+    tensors_aligned = aligned(params, directions, grads if momentum else [])
     for dtype, (ps, ds, gs), _ in _by_dtype(params, directions, grads if momentum else directions):
         for (n_rows, n_cols), idx in _indices_by(tuple(p.shape for p in ps)).items():  # one launch per shape
             block, rows_per_program, warps = _row_launch(n_cols, shape)
@@ -396,7 +413,7 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
             _row_update_kernel[(blocks * len(idx),)](
                 p_addrs, d_addrs, g_addrs, n_rows, blocks, n_cols, lr, decay, float(n_cols) ** 0.5, weight,
                 DTYPE=triton_dtype(dtype), ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0,
-                MOMENTUM=momentum, num_warps=warps)
+                MOMENTUM=momentum, ALIGNED=tensors_aligned and rows_aligned(n_cols, dtype), num_warps=warps)
 
 
 def column_normalized_update_(param: torch.Tensor, direction: torch.Tensor, rms: torch.Tensor, lr: float,
@@ -412,14 +429,14 @@ def column_normalized_update_(param: torch.Tensor, direction: torch.Tensor, rms:
 def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: float) -> torch.Tensor:
     """m <- lerp(m, g, weight) for every pair; returns sum(m^2) of each new m (fp32, in list order)."""
     sums = None
-    shape = launch_shape(momenta[0].device)
+    shape, tensors_aligned = launch_shape(momenta[0].device), aligned(momenta, grads)
     for dtype, (ms, gs), idx_dtype in _by_dtype(momenta, grads):
         groups, n_blocks, first, counts = _element_groups(ms, shape["ELEMENTS_PER_PROGRAM"])
         partials = torch.empty(n_blocks, dtype=torch.float32, device=ms[0].device)
         for idx, _, numel, blocks, start in groups:
             _lerp_sumsq_kernel[(blocks * len(idx),)](
                 *_addresses_at(idx, ms, gs), partials[start:], numel, blocks, weight, DTYPE=triton_dtype(dtype),
-                BLOCK=shape["ELEMENTS_PER_PROGRAM"], num_warps=shape["ELEMENT_WARPS"])
+                BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned, num_warps=shape["ELEMENT_WARPS"])
         out = _segment_sums(partials, first, counts)
         if len(idx_dtype) == len(momenta):
             return out
@@ -442,6 +459,7 @@ def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors
                 p, u, factors[i:i + 1].float(), rf.contiguous(), n_rows, n_cols, lr, DTYPE=triton_dtype(p.dtype),
                 ROWS=rows_per_program, BLOCK=block, num_warps=warps)
         return
+    tensors_aligned = aligned(params, updates)
     for dtype, (ps, us), idx_dtype in _by_dtype(params, updates):
         group_factors = factors  # with several dtypes, this one's
         if len(idx_dtype) < len(params):
@@ -450,7 +468,7 @@ def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors
         for idx, index_table, numel, blocks, _ in _element_groups(ps, shape["ELEMENTS_PER_PROGRAM"])[0]:
             _scaled_sub_kernel[(blocks * len(idx),)](*_addresses_at(idx, ps, us), group_factors, index_table, numel,
                                                      blocks, lr, DTYPE=triton_dtype(dtype),
-                                                     BLOCK=shape["ELEMENTS_PER_PROGRAM"],
+                                                     BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned,
                                                      num_warps=shape["ELEMENT_WARPS"])
 
 
@@ -462,19 +480,21 @@ def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -
     row_sq = torch.empty(n_rows, dtype=torch.float32, device=momentum.device)
     _row_lerp_sumsq_kernel[(triton.cdiv(n_rows, rows_per_program),)](
         _addresses([momentum]), _addresses([grad]), row_sq, n_rows, n_cols, weight,
-        DTYPE=triton_dtype(momentum.dtype), ROWS=rows_per_program, BLOCK=block, num_warps=warps)
+        DTYPE=triton_dtype(momentum.dtype), ROWS=rows_per_program, BLOCK=block,
+        ALIGNED=aligned([momentum], [grad]) and rows_aligned(n_cols, momentum.dtype), num_warps=warps)
     return row_sq
 
 
 def ema_momentum_(momenta: list[torch.Tensor], prev: list[torch.Tensor], params: list[torch.Tensor],
                   gamma: float) -> None:
     """m <- gamma m + (1 - gamma)(p - prev); prev <- p, in one pass over the three lists."""
-    shape = launch_shape(params[0].device)
+    shape, tensors_aligned = launch_shape(params[0].device), aligned(momenta, prev, params)
     for dtype, (ms, prevs, ps), _ in _by_dtype(momenta, prev, params):
         for idx, _, numel, blocks, _ in _element_groups(ps, shape["EMA_ELEMENTS_PER_PROGRAM"])[0]:
             _ema_momentum_kernel[(blocks * len(idx),)](
                 *_addresses_at(idx, ms, prevs, ps), numel, blocks, gamma, DTYPE=triton_dtype(dtype),
-                BLOCK=shape["EMA_ELEMENTS_PER_PROGRAM"], num_warps=shape["EMA_ELEMENT_WARPS"])
+                BLOCK=shape["EMA_ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned,
+                num_warps=shape["EMA_ELEMENT_WARPS"])
 
 
 def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: torch.Tensor, momentum: float,
@@ -492,7 +512,8 @@ def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: t
         _muon_stack_kernel[(blocks * len(idx),)](
             _addresses(momenta), _addresses(grads), stack, partials, numel, blocks, momenta[0].size(1),
             stack.stride(0), stack.stride(1), 1 - momentum, momentum, DTYPE=triton_dtype(momenta[0].dtype),
-            NESTEROV=nesterov, BLOCK=shape["ELEMENTS_PER_PROGRAM"], num_warps=shape["ELEMENT_WARPS"])
+            NESTEROV=nesterov, BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=aligned(momenta, grads),
+            num_warps=shape["ELEMENT_WARPS"])
     return _segment_sums(partials, first, counts)
 
 
