@@ -32,14 +32,36 @@ log = logging.getLogger("llmopt")
 # SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
-TRAINER_ONLY_KEYS = ("compile", "device", "activation_checkpointing", "loss_head", "rotary_table",
-                     "attention")
+TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpointing", "loss_head",
+                     "rotary_table", "attention")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
     values = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
               if k not in TRAINER_ONLY_KEYS}
     return TrainerConfig(**values)
+
+
+def inductor_options(options) -> dict:
+    """trainer.compile_options as torch.compile's flat inductor options ({"triton": {"enable_pdl": true}} ->
+    {"triton.enable_pdl": True}); an unknown name is refused before anything is built."""
+    from torch._inductor import config as inductor_config
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    if options is None:
+        return {}
+    tree = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options)
+    flat_options = dict(flat(tree))
+    unknown = sorted(set(flat_options) - set(inductor_config.get_config_copy()))
+    if unknown:
+        raise ValueError(f"trainer.compile_options: unknown inductor options {unknown}; the names are those of "
+                         "torch._inductor.config, e.g. trainer.compile_options.coordinate_descent_tuning=true")
+    return flat_options
 
 
 def optimizer_kwargs(cfg: DictConfig) -> tuple[str, dict, dict | None]:
@@ -120,6 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     tcfg = trainer_config(cfg)
     opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
     check_attention(str(cfg.trainer.get("attention", "sdpa")))  # before anything is built
+    compile_options = inductor_options(cfg.trainer.get("compile_options"))
     accelerator = build_accelerator(tcfg.precision, cfg.trainer.device)
     tcfg.accumulation(accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
@@ -155,15 +178,16 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss_model = CausalLMLoss(model, head=loss_head)
         if cfg.trainer.compile:
-            loss_model = torch.compile(loss_model)
+            loss_model = torch.compile(loss_model, options=compile_options or None)
         return model, accelerator.prepare_model(loss_model)
 
     if models is None:
         model, loss_model = build()
     else:
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
-               tcfg.precision, bool(cfg.trainer.compile), checkpoint_activations, loss_head, rotary_table,
-               attention, str(accelerator.device), accelerator.num_processes)
+               tcfg.precision, bool(cfg.trainer.compile), tuple(sorted(compile_options.items())),
+               checkpoint_activations, loss_head, rotary_table, attention, str(accelerator.device),
+               accelerator.num_processes)
         model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,
