@@ -153,21 +153,28 @@ def test_row_normalized_update_bf16_matches_eager_rounding(device):
         assert not torch.equal(p.cpu(), tensors(ROW_SHAPES, torch.bfloat16, "cpu", 2)[i]), "nothing was written"
 
 
+def record_launches(monkeypatch, name: str, what) -> list:
+    """Kernel `name` of llmopt.optim.kernels still launched, with what(grid, keyword arguments) of each launch
+    appended to the list returned."""
+    kernel, launches = getattr(kernels, name), []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(what(grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(kernels, name, Recorded())
+    return launches
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight", [0.1, 0.7])  # both branches of torch.lerp's formula
 def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
     # small blocks: the largest tensor spans more than 1024 blocks, so the segment sum loops
     monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", 16)
-    launches = []
-    kernel = kernels._lerp_sumsq_kernel
-
-    class Recorded:  # the launches' grids and blocks, to see that the override reaches them
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((grid[0], kwargs["BLOCK"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(kernels, "_lerp_sumsq_kernel", Recorded())
+    # the launches' grids and blocks, to see that the override reaches them
+    launches = record_launches(monkeypatch, "_lerp_sumsq_kernel", lambda grid, kwargs: (grid[0], kwargs["BLOCK"]))
     momenta = tensors(FLAT_SHAPES, torch.float32, device, 4)
     grads = tensors(FLAT_SHAPES, torch.float32, device, 5)
     expected = [m.double() + weight * (g.double() - m.double()) for m, g in zip(momenta, grads)]
@@ -296,20 +303,23 @@ def views_at_odd_offsets(like: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernels_on_misaligned_tensors_match_aligned(device):
+def test_kernels_on_misaligned_tensors_match_aligned(device, monkeypatch):
     """Tensors that start off a VECTOR_BYTES boundary (views into a buffer) take the kernels' element-wise loads
     (on a GPU, a vector load there would fault) and give the values of aligned copies (within a unit in the last
-    place: the sums' order may differ); so do rows whose
-    length puts them off one (5461 bf16 columns, the 1B flavor's down projection)."""
+    place: the sums' order may differ); so do rows whose length puts them off one (5461 bf16 columns, the 1B
+    flavor's down projection). Alignment is decided per launch: with only the first shape's tensors off a boundary,
+    the other shapes still load vectors, and the values are the same again."""
     shapes = [(6, 37), (3, 4097), (4, 64)]
     fresh = tensors(shapes, torch.bfloat16, device, 30)
     odd = views_at_odd_offsets(fresh)
-    assert kernels.aligned(fresh) and not kernels.aligned(fresh, odd[:1])
+    assert kernels._addresses(fresh)[1] and not kernels._addresses(fresh[:2] + odd[:1])[1]
     assert kernels.rows_aligned(2048, torch.bfloat16) and kernels.rows_aligned(4, torch.float32)
     assert not kernels.rows_aligned(5461, torch.bfloat16) and not kernels.rows_aligned(2, torch.float32)
     directions = tensors(shapes, torch.bfloat16, device, 31, scale=1e-2)
     grads = tensors(shapes, torch.bfloat16, device, 32, scale=1e-2)
     prev = tensors(shapes, torch.bfloat16, device, 33)
+    flags = {name: record_launches(monkeypatch, name, lambda grid, kwargs: kwargs["ALIGNED"])
+             for name in ("_row_update_kernel", "_scaled_sub_kernel", "_ema_momentum_kernel", "_lerp_sumsq_kernel")}
     calls = [
         lambda ps, ds, gs, qs: kernels.row_normalized_update_(ps, ds, 0.1, decay=0.9, grads=gs, weight=0.2),
         lambda ps, ds, gs, qs: kernels.scaled_sub_(ps, ds, torch.linspace(0.5, 1, len(ps), device=device), 0.1),
@@ -318,14 +328,30 @@ def test_kernels_on_misaligned_tensors_match_aligned(device):
     ]
     for i, call in enumerate(calls):
         aligned = [[t.clone() for t in ts] for ts in (fresh, directions, grads, prev)]
-        misaligned = [views_at_odd_offsets(ts) for ts in (fresh, directions, grads, prev)]
-        out_aligned, out_misaligned = call(*aligned), call(*misaligned)
-        # on a GPU the two may sum in different orders (Triton lays the tile out by the loads' width)
-        if out_aligned is not None:
-            torch.testing.assert_close(out_misaligned, out_aligned, rtol=1e-5, atol=0, msg=f"call {i}: sums")
-        for a, m in zip(aligned, misaligned):
-            for j, (x, y) in enumerate(zip(a, m)):
-                within_ulps(y.cpu(), x.cpu(), f"call {i}: tensor {j}", ulps=1, floor=1e-2)
+        launched = flags[("_row_update_kernel", "_scaled_sub_kernel", "_ema_momentum_kernel",
+                          "_lerp_sumsq_kernel")[i]]
+        launched.clear()
+        out_aligned = call(*aligned)
+        aligned_flags = list(launched)  # one launch per shape, in the lists' order
+        # the element kernels load vectors for every shape; the row kernel for the 64-wide rows alone
+        assert aligned_flags == ([False, False, True] if i == 0 else [True] * 3), (i, aligned_flags)
+        # every tensor off a boundary; the first shape's tensors in every list; the first shape's in one list
+        # (directions, which every call reads) alone
+        for kind in ("all", "first shape", "one tensor"):
+            launched.clear()
+            misaligned = []
+            for k, ts in enumerate((fresh, directions, grads, prev)):
+                first = {"all": len(ts), "first shape": 1, "one tensor": int(k == 1)}[kind]  # how many are odd
+                misaligned.append(views_at_odd_offsets(ts[:first]) + [t.clone() for t in ts[first:]])
+            out_misaligned = call(*misaligned)
+            assert launched == ([False] * 3 if kind == "all" else [False, *aligned_flags[1:]]), (i, kind, launched)
+            # on a GPU the two may sum in different orders (Triton lays the tile out by the loads' width)
+            if out_aligned is not None:
+                torch.testing.assert_close(out_misaligned, out_aligned, rtol=1e-5, atol=0,
+                                           msg=f"call {i}, {kind} misaligned: sums")
+            for a, m in zip(aligned, misaligned):
+                for j, (x, y) in enumerate(zip(a, m)):
+                    within_ulps(y.cpu(), x.cpu(), f"call {i}, {kind} misaligned: tensor {j}", ulps=1, floor=1e-2)
         assert not all(torch.equal(x, y) for x, y in zip(aligned[0] + aligned[1], fresh + directions)), f"call {i}"
 
 

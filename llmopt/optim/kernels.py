@@ -109,19 +109,21 @@ def device_tensor(values: tuple, dtype: torch.dtype, device: torch.device) -> to
     return host.to(device)
 
 
-def _addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' data pointers as a device table (cached: a model's parameters and states stay put)."""
-    return device_tensor(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
-
-
 VECTOR_BYTES = 16  # a GPU thread's widest load: 8 bf16 or 4 fp32 values in one instruction
 
 
-def aligned(*lists: list[torch.Tensor]) -> bool:
-    """Whether every tensor starts on a VECTOR_BYTES boundary: then the kernels tell Triton so, and it issues vector
-    loads (a pointer read from an address table carries no alignment Triton can see: without the hint every
-    element is a load of its own). The row kernels also need each row to start on one (rows_aligned)."""
-    return all(t.data_ptr() % VECTOR_BYTES == 0 for tensors in lists for t in tensors)
+@functools.lru_cache(maxsize=1024)
+def _all_aligned(pointers: tuple[int, ...]) -> bool:
+    return all(pointer % VECTOR_BYTES == 0 for pointer in pointers)
+
+
+def _addresses(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The tensors' data pointers as a device table (cached: a model's parameters and states stay put), and whether
+    every one starts on a VECTOR_BYTES boundary. If they do, the kernels tell Triton so (ALIGNED) and it issues
+    vector loads: a pointer read from a table carries no alignment Triton can see, and without the hint every
+    element is a load of its own. The row kernels also need each row to start on one (rows_aligned)."""
+    pointers = tuple(t.data_ptr() for t in tensors)
+    return device_tensor(pointers, torch.int64, tensors[0].device), _all_aligned(pointers)
 
 
 def rows_aligned(n_cols: int, dtype: torch.dtype) -> bool:
@@ -192,9 +194,10 @@ def _element_groups(tensors: list[torch.Tensor], per_block: int):
     return _element_layout(tuple(t.numel() for t in tensors), per_block, tensors[0].device)
 
 
-def _addresses_at(idx: tuple[int, ...], *lists: list[torch.Tensor]) -> list[torch.Tensor]:
-    """For each list, the address table of its tensors at `idx`."""
-    return [_addresses([tensors[i] for i in idx]) for tensors in lists]
+def _addresses_at(idx: tuple[int, ...], *lists: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """For each list, the address table of its tensors at `idx`; and whether all those tensors are aligned."""
+    tables, aligned = zip(*(_addresses([tensors[i] for i in idx]) for tensors in lists))
+    return list(tables), all(aligned)
 
 
 def _by_dtype(*lists: list[torch.Tensor]):
@@ -225,7 +228,7 @@ if triton is not None:
     @triton.jit
     def _load(addrs, t, offsets, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
         """Tensor t's pointers at `offsets` (its address from a table) and its values there, in fp32. ALIGNED: the
-        tensor and the tile's rows start on VECTOR_BYTES boundaries (see aligned()), so Triton may load vectors."""
+        tensor and the tile's rows start on VECTOR_BYTES boundaries (see _addresses), so Triton may load vectors."""
         ptrs = tl.load(addrs + t).to(tl.pointer_type(DTYPE)) + offsets
         if ALIGNED and len(ptrs.shape) == 2:  # a row tile: every row starts aligned too
             ptrs = tl.multiple_of(ptrs, [_VECTOR_BYTES, _VECTOR_BYTES])
@@ -404,12 +407,11 @@ def row_normalized_update_(params: list[torch.Tensor], directions: list[torch.Te
     MAX_ROW long."""
     momentum = grads is not None
     shape = launch_shape(params[0].device)
-    tensors_aligned = aligned(params, directions, grads if momentum else [])
     for dtype, (ps, ds, gs), _ in _by_dtype(params, directions, grads if momentum else directions):
         for (n_rows, n_cols), idx in _indices_by(tuple(p.shape for p in ps)).items():  # one launch per shape
             block, rows_per_program, warps = _row_launch(n_cols, shape)
             blocks = -(-n_rows // rows_per_program)
-            p_addrs, d_addrs, g_addrs = _addresses_at(idx, ps, ds, gs)
+            (p_addrs, d_addrs, g_addrs), tensors_aligned = _addresses_at(idx, ps, ds, gs)
             _row_update_kernel[(blocks * len(idx),)](
                 p_addrs, d_addrs, g_addrs, n_rows, blocks, n_cols, lr, decay, float(n_cols) ** 0.5, weight,
                 DTYPE=triton_dtype(dtype), ROWS=rows_per_program, BLOCK=block, DECAY=decay != 1.0,
@@ -429,13 +431,14 @@ def column_normalized_update_(param: torch.Tensor, direction: torch.Tensor, rms:
 def lerp_sumsq_(momenta: list[torch.Tensor], grads: list[torch.Tensor], weight: float) -> torch.Tensor:
     """m <- lerp(m, g, weight) for every pair; returns sum(m^2) of each new m (fp32, in list order)."""
     sums = None
-    shape, tensors_aligned = launch_shape(momenta[0].device), aligned(momenta, grads)
+    shape = launch_shape(momenta[0].device)
     for dtype, (ms, gs), idx_dtype in _by_dtype(momenta, grads):
         groups, n_blocks, first, counts = _element_groups(ms, shape["ELEMENTS_PER_PROGRAM"])
         partials = torch.empty(n_blocks, dtype=torch.float32, device=ms[0].device)
         for idx, _, numel, blocks, start in groups:
+            tables, tensors_aligned = _addresses_at(idx, ms, gs)
             _lerp_sumsq_kernel[(blocks * len(idx),)](
-                *_addresses_at(idx, ms, gs), partials[start:], numel, blocks, weight, DTYPE=triton_dtype(dtype),
+                *tables, partials[start:], numel, blocks, weight, DTYPE=triton_dtype(dtype),
                 BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned, num_warps=shape["ELEMENT_WARPS"])
         out = _segment_sums(partials, first, counts)
         if len(idx_dtype) == len(momenta):
@@ -459,17 +462,16 @@ def scaled_sub_(params: list[torch.Tensor], updates: list[torch.Tensor], factors
                 p, u, factors[i:i + 1].float(), rf.contiguous(), n_rows, n_cols, lr, DTYPE=triton_dtype(p.dtype),
                 ROWS=rows_per_program, BLOCK=block, num_warps=warps)
         return
-    tensors_aligned = aligned(params, updates)
     for dtype, (ps, us), idx_dtype in _by_dtype(params, updates):
         group_factors = factors  # with several dtypes, this one's
         if len(idx_dtype) < len(params):
             group_factors = factors[device_tensor(tuple(idx_dtype), torch.int64, factors.device)]
         group_factors = group_factors.float().contiguous()
         for idx, index_table, numel, blocks, _ in _element_groups(ps, shape["ELEMENTS_PER_PROGRAM"])[0]:
-            _scaled_sub_kernel[(blocks * len(idx),)](*_addresses_at(idx, ps, us), group_factors, index_table, numel,
-                                                     blocks, lr, DTYPE=triton_dtype(dtype),
-                                                     BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned,
-                                                     num_warps=shape["ELEMENT_WARPS"])
+            tables, tensors_aligned = _addresses_at(idx, ps, us)
+            _scaled_sub_kernel[(blocks * len(idx),)](*tables, group_factors, index_table, numel, blocks, lr,
+                                                     DTYPE=triton_dtype(dtype), BLOCK=shape["ELEMENTS_PER_PROGRAM"],
+                                                     ALIGNED=tensors_aligned, num_warps=shape["ELEMENT_WARPS"])
 
 
 def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -> torch.Tensor:
@@ -478,21 +480,22 @@ def row_lerp_sumsq_(momentum: torch.Tensor, grad: torch.Tensor, weight: float) -
     n_rows, n_cols = momentum.shape
     block, rows_per_program, warps = _row_launch(n_cols, launch_shape(momentum.device))
     row_sq = torch.empty(n_rows, dtype=torch.float32, device=momentum.device)
+    tables, tensors_aligned = _addresses_at((0,), [momentum], [grad])
     _row_lerp_sumsq_kernel[(triton.cdiv(n_rows, rows_per_program),)](
-        _addresses([momentum]), _addresses([grad]), row_sq, n_rows, n_cols, weight,
-        DTYPE=triton_dtype(momentum.dtype), ROWS=rows_per_program, BLOCK=block,
-        ALIGNED=aligned([momentum], [grad]) and rows_aligned(n_cols, momentum.dtype), num_warps=warps)
+        *tables, row_sq, n_rows, n_cols, weight, DTYPE=triton_dtype(momentum.dtype), ROWS=rows_per_program,
+        BLOCK=block, ALIGNED=tensors_aligned and rows_aligned(n_cols, momentum.dtype), num_warps=warps)
     return row_sq
 
 
 def ema_momentum_(momenta: list[torch.Tensor], prev: list[torch.Tensor], params: list[torch.Tensor],
                   gamma: float) -> None:
     """m <- gamma m + (1 - gamma)(p - prev); prev <- p, in one pass over the three lists."""
-    shape, tensors_aligned = launch_shape(params[0].device), aligned(momenta, prev, params)
+    shape = launch_shape(params[0].device)
     for dtype, (ms, prevs, ps), _ in _by_dtype(momenta, prev, params):
         for idx, _, numel, blocks, _ in _element_groups(ps, shape["EMA_ELEMENTS_PER_PROGRAM"])[0]:
+            tables, tensors_aligned = _addresses_at(idx, ms, prevs, ps)
             _ema_momentum_kernel[(blocks * len(idx),)](
-                *_addresses_at(idx, ms, prevs, ps), numel, blocks, gamma, DTYPE=triton_dtype(dtype),
+                *tables, numel, blocks, gamma, DTYPE=triton_dtype(dtype),
                 BLOCK=shape["EMA_ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned,
                 num_warps=shape["EMA_ELEMENT_WARPS"])
 
@@ -509,11 +512,11 @@ def muon_stack_(momenta: list[torch.Tensor], grads: list[torch.Tensor], stack: t
     groups, n_blocks, first, counts = _element_groups(momenta, shape["ELEMENTS_PER_PROGRAM"])
     partials = torch.empty(n_blocks, dtype=torch.float32, device=stack.device)
     for idx, _, numel, blocks, _ in groups:  # one group, the list in order: t is the matrix's index in the stack
+        tables, tensors_aligned = _addresses_at(idx, momenta, grads)
         _muon_stack_kernel[(blocks * len(idx),)](
-            _addresses(momenta), _addresses(grads), stack, partials, numel, blocks, momenta[0].size(1),
-            stack.stride(0), stack.stride(1), 1 - momentum, momentum, DTYPE=triton_dtype(momenta[0].dtype),
-            NESTEROV=nesterov, BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=aligned(momenta, grads),
-            num_warps=shape["ELEMENT_WARPS"])
+            *tables, stack, partials, numel, blocks, momenta[0].size(1), stack.stride(0), stack.stride(1),
+            1 - momentum, momentum, DTYPE=triton_dtype(momenta[0].dtype), NESTEROV=nesterov,
+            BLOCK=shape["ELEMENTS_PER_PROGRAM"], ALIGNED=tensors_aligned, num_warps=shape["ELEMENT_WARPS"])
     return _segment_sums(partials, first, counts)
 
 
