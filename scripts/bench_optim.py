@@ -170,7 +170,6 @@ def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None, refe
     groups = [(params, False) for params in by_shape.values()] + [([head], True) for head in roles.params("output")]
     rows = []
     for params, momentum in groups:
-        flat = None
         grads = [torch.randn_like(p) * 1e-3 for p in params]
         directions = [torch.zeros_like(p) for p in params] if momentum else grads
         one = functools.partial(kernels.row_normalized_update_, params, directions, 1e-3,
@@ -179,18 +178,19 @@ def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None, refe
         shape = "x".join(map(str, params[0].shape))
         timed = [(f"scale rows {shape} x{len(params)}" + (" +momentum" if momentum else ""), one)]
         if references and not momentum:  # the same bytes, no reduction: torch's add, per tensor and one flat tensor
-            flat = functools.partial(torch.Tensor.add_, torch.cat([p.flatten() for p in params]),
-                                     torch.cat([g.flatten() for g in grads]), alpha=-1e-3)
+            flat_params, flat_grads = (torch.cat([t.flatten() for t in ts]) for ts in (params, grads))
             timed += [(f"add_ {shape} x{len(params)}", functools.partial(torch._foreach_add_, params, grads,
                                                                           alpha=-1e-3)),
-                      (f"add_ flat {flat.args[0].numel()}", flat)]
+                      (f"add_ flat {flat_params.numel()}", functools.partial(flat_params.add_, flat_grads,
+                                                                              alpha=-1e-3))]
+            del flat_params, flat_grads  # held by the partial until `timed` goes
         for case, call in timed:
             with torch.no_grad():
                 seconds = time_calls(call, steps, cuda=cuda, host_ahead=cuda)
             rows.append({"case": case, "step_ms": None if cuda else seconds * 1e3,
                          "device_ms": seconds * 1e3 if cuda else None, "state_gb": 0.0,
                          "floor_ms": moved / bandwidth * 1e3 if bandwidth else None, "wall_s": None, "part": True})
-        del grads, directions, timed, flat  # and the flat copies with them
+        del grads, directions, timed  # and the flat copies with them, before the next shape's tensors
     return rows
 
 
