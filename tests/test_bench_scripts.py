@@ -1,5 +1,5 @@
 """The benchmark scripts' own logic, on the CPU: bench_train's case syntax, bench_memory's accounting,
-profile_step's kernel kinds, bench_optim's launch-shape sweeps."""
+profile_step's kernel kinds, bench_optim's launch-shape sweeps, bench_loss_head's floor."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_loss_head  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_optim  # noqa: E402
 import bench_train  # noqa: E402
@@ -53,6 +54,14 @@ def test_bench_memory_measures_what_the_accounting_counts(tmp_path, capsys):
     assert rows["adamw"]["paper_gb"] == pytest.approx(3 * weights)
     assert rows["adamw"]["estimate_gb"] == pytest.approx(4 * weights)
     assert "micro  scale" in capsys.readouterr().out
+
+
+def test_bench_loss_head_floor_and_its_cuda_requirement(monkeypatch):
+    # the 350M micro-batch's logits, bf16: read once, the gradient written once in their place
+    assert bench_loss_head.floor_bytes(32768, 32000, 2) == 2 * 32768 * 32000 * 2
+    monkeypatch.setattr(bench_loss_head.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        bench_loss_head.main(["--tokens", "8"])
 
 
 def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
