@@ -64,6 +64,27 @@ def test_bench_loss_head_floor_and_its_cuda_requirement(monkeypatch):
         bench_loss_head.main(["--tokens", "8"])
 
 
+def test_loss_head_warps_override_changes_the_launch_not_the_result(monkeypatch):
+    """The sweep's launch (cross_entropy._launch with warps) gives the default launch's losses and gradient."""
+    from llmopt.model import cross_entropy
+
+    launches = []
+    kernel = cross_entropy._cross_entropy_rows
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: (launches.append(kwargs["num_warps"]), kernel[grid](*args, **kwargs))
+
+    monkeypatch.setattr(cross_entropy, "_cross_entropy_rows", Recorder())
+    logits = torch.randn(6, 1000)
+    targets = torch.tensor([3, -100, 999, 0, 17, 500])
+    results = [(cross_entropy._launch(x, targets, write_grad=True, warps=w), x)
+               for w, x in ((None, logits.clone()), (8, logits.clone()))]
+    assert launches == [4, 8]  # 1024 padded entries: one warp per 1024, at least 4
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+
+
 def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
     kind = profile_step.kernel_kind
     assert kind("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"

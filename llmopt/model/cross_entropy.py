@@ -70,13 +70,15 @@ ONE_BLOCK_MAX = 32768
 LOOP_BLOCK, LOOP_WARPS = 4096, 8
 
 
-def _launch(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool) -> torch.Tensor:
-    """Per-token losses (fp32); with write_grad, `logits` is overwritten by softmax - onehot."""
+def _launch(logits: torch.Tensor, targets: torch.Tensor, write_grad: bool, warps: int | None = None) -> torch.Tensor:
+    """Per-token losses (fp32); with write_grad, `logits` is overwritten by softmax - onehot. `warps` overrides the
+    launch's warp count (a sweep: scripts/bench_loss_head.py)."""
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     padded = triton.next_power_of_2(vocab)
     one_block = padded <= ONE_BLOCK_MAX
-    block, warps = (padded, max(4, min(32, padded // 1024))) if one_block else (LOOP_BLOCK, LOOP_WARPS)
+    block, default_warps = (padded, max(4, min(32, padded // 1024))) if one_block else (LOOP_BLOCK, LOOP_WARPS)
+    warps = warps or default_warps
     _cross_entropy_rows[(rows,)](logits, targets, losses, vocab, -100, DTYPE=triton_dtype(logits.dtype), BLOCK=block,
                                  ONE_BLOCK=one_block, WRITE_GRAD=write_grad, num_warps=warps)
     return losses
