@@ -6,7 +6,7 @@ it; "hf": transformers' module; attention as trainer.attention: "sdpa" or "trans
 fused AdamW, random tokens (no data pipeline, no trainer): tokens/s and MFU (median step), peak memory and compile
 time. With --profile, torch.profiler on a few steps of each variant splits the GPU time by kernel kind (matmul,
 attention, Triton-generated, optimizer, other) and gives the GPU's busy fraction of the wall time (below 100%: the
-host does not keep it fed).
+host does not keep it fed); a second profiled pass times the matrix products by shape (TFLOP/s per shape).
 
 Usage: python scripts/profile_step.py --flavor 60m --micro 64 128 256 --heads plain one_pass chunked [--rotary table hf]
        [--attention sdpa transformers]
@@ -61,6 +61,45 @@ def profile_breakdown(step, steps: int = 3) -> dict:
             "top_kernels_ms": {k: round(v, 2) for k, v in top}}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_flops(op: str, shapes: list) -> int:
+    """2 x m x k x n (x batch) of one product, from its operands' shapes as torch.profiler records them."""
+    if op in ("aten::addmm", "aten::baddbmm"):
+        shapes = shapes[1:]  # the added tensor comes first
+    a, b = shapes[0], shapes[1]
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def matmul_shapes(averages, steps: int, on_device: bool = True) -> list[dict]:
+    """Per matrix-product shape: products per step, ms per step and TFLOP/s, from torch.profiler's
+    key_averages(group_by_input_shape=True) (device time; the CPU's with on_device=False). Slowest first."""
+    rows = []
+    for avg in averages:
+        if avg.key not in MATMUL_OPS or not avg.input_shapes:
+            continue
+        us = avg.self_device_time_total if on_device else avg.self_cpu_time_total
+        flops = matmul_flops(avg.key, avg.input_shapes) * avg.count
+        rows.append({"op": avg.key, "shapes": [s for s in avg.input_shapes if s], "per_step": avg.count / steps,
+                     "ms": us / 1e3 / steps, "tflop_s": flops / (us * 1e-6) / 1e12 if us else None})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def profile_matmuls(step, steps: int = 2) -> list[dict]:
+    """The matrix products of `steps` steps by shape. A pass of its own: recording shapes slows the host, which
+    would lower profile_breakdown's busy fraction."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return matmul_shapes(prof.key_averages(group_by_input_shape=True), steps)
+
+
 def run_variant(flavor: str, micro: int, head: str, rotary: str, attention: str, mode: str, seq: int, steps: int,
                 profile: bool) -> dict:
     from llmopt.metrics.throughput import peak_flops
@@ -106,6 +145,7 @@ def run_variant(flavor: str, micro: int, head: str, rotary: str, attention: str,
            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
     if profile:
         row.update(profile_breakdown(step))
+        row["matmuls"] = profile_matmuls(step)
     return row
 
 
@@ -152,6 +192,12 @@ def main(argv=None) -> int:
             continue
         print(f"{name} {r['tok_s']:10,} {r['mfu']:5.0%} "
               f"{r['peak_gb']:7.1f} {r.get('gpu_busy', float('nan')):5.0%}")
+    for r in rows:
+        if r.get("matmuls"):
+            print(f"\nmatrix products, {r['flavor']} micro-batch {r['micro']} {r['head']} {r['mode']} (per step):")
+            print(f"{'ms':>8} {'count':>6} {'TFLOP/s':>8}  shapes")
+            for m in r["matmuls"]:
+                print(f"{m['ms']:8.2f} {m['per_step']:6g} {m['tflop_s'] or 0:8.0f}  {m['op']} {m['shapes']}")
     return 0
 
 

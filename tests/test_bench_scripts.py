@@ -1,5 +1,5 @@
 """The benchmark scripts' own logic, on the CPU: bench_train's case syntax, bench_memory's accounting,
-profile_step's kernel kinds, bench_optim's launch-shape sweeps, bench_loss_head's floor."""
+profile_step's kernel kinds and matrix-product shapes, bench_optim's launch-shape sweeps, bench_loss_head's floor."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def test_bench_train_case_flags_become_overrides():
     assert "trainer.micro_batch_size=32" in paper_batch and "trainer.global_batch_size=512" in paper_batch
     with pytest.raises(ValueError, match="unknown case flag 'fast'.*mb=N, accum=N or a Hydra override"):
         bench_train.case_overrides("60m:adamw:bf16_pure:fast", "/d", 10, True)
+
+
+def test_bench_train_says_when_the_eval_time_holds_compilation():
+    row = {"eval_tokens": 149240, "eval_s": 35.9, "compile": True, "eval_passes": 1}
+    assert bench_train.eval_summary(row) == "  eval 149,240 tokens in 35.9 s (the only pass: with compilation)"
+    assert bench_train.eval_summary({**row, "eval_passes": 2}) == "  eval 149,240 tokens in 35.9 s"
+    assert bench_train.eval_summary({**row, "compile": False}) == "  eval 149,240 tokens in 35.9 s"
+    assert bench_train.eval_summary({"eval_tokens": None}) == ""
 
 
 def test_bench_memory_measures_what_the_accounting_counts(tmp_path, capsys):
@@ -96,6 +104,35 @@ def test_profile_step_kernel_kinds_and_its_cuda_requirement(monkeypatch):
     monkeypatch.setattr(profile_step.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         profile_step.main(["--flavor", "micro"])
+
+
+def test_profile_step_matmul_shapes_from_a_real_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    a, b, bias = torch.randn(64, 32), torch.randn(32, 16), torch.randn(16)
+    batched_a, batched_b = torch.randn(3, 8, 4), torch.randn(3, 4, 5)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):  # two "steps"
+            for _ in range(3):
+                torch.mm(a, b)
+            torch.addmm(bias, a, b)
+            torch.bmm(batched_a, batched_b)
+            torch.mm(a[:16], b)  # another shape: its own row
+    rows = profile_step.matmul_shapes(prof.key_averages(group_by_input_shape=True), steps=2, on_device=False)
+    by_key = {(r["op"], str(r["shapes"])): r for r in rows}
+    mm = by_key[("aten::mm", "[[64, 32], [32, 16]]")]
+    assert mm["per_step"] == 3 and mm["ms"] > 0
+    assert mm["tflop_s"] == pytest.approx(2 * 64 * 32 * 16 * 6 / (mm["ms"] * 2e-3) / 1e12, rel=0.01)
+    assert by_key[("aten::mm", "[[16, 32], [32, 16]]")]["per_step"] == 1
+    assert by_key[("aten::addmm", "[[16], [64, 32], [32, 16]]")]["per_step"] == 1
+    assert by_key[("aten::bmm", "[[3, 8, 4], [3, 4, 5]]")]["per_step"] == 1
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+    # the FLOPs of each product kind, as written in the inductor's out= form too (the output's shape last)
+    flops = profile_step.matmul_flops
+    assert flops("aten::mm", [[32768, 1024], [1024, 2736], [32768, 2736]]) == 2 * 32768 * 1024 * 2736
+    assert flops("aten::addmm", [[16], [64, 32], [32, 16]]) == 2 * 64 * 32 * 16
+    assert flops("aten::bmm", [[3, 8, 4], [3, 4, 5]]) == 2 * 3 * 8 * 4 * 5
+    assert flops("aten::baddbmm", [[3, 8, 5], [3, 8, 4], [3, 4, 5]]) == 2 * 3 * 8 * 4 * 5
 
 
 def test_bench_optim_floors():
