@@ -37,17 +37,25 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_breakdown(step, steps: int = 3) -> dict:
-    """GPU milliseconds per step by kernel kind, and the busy fraction of the wall time."""
+def profiled(step, steps: int, cpu: bool = False):
+    """torch.profiler over `steps` steps, the GPU's work included: the profile and the wall seconds. With `cpu`
+    the host's ops too, with their input shapes (which slows the host)."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities, record_shapes=cpu) as prof:
         started = time.perf_counter()
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
+    return prof, wall
+
+
+def profile_breakdown(step, steps: int = 3) -> dict:
+    """GPU milliseconds per step by kernel kind, and the busy fraction of the wall time."""
+    prof, wall = profiled(step, steps)
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     for event in prof.events():
@@ -90,13 +98,7 @@ def matmul_shapes(averages, steps: int, on_device: bool = True) -> list[dict]:
 def profile_matmuls(step, steps: int = 2) -> list[dict]:
     """The matrix products of `steps` steps by shape. A pass of its own: recording shapes slows the host, which
     would lower profile_breakdown's busy fraction."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    prof, _ = profiled(step, steps, cpu=True)
     return matmul_shapes(prof.key_averages(group_by_input_shape=True), steps)
 
 
