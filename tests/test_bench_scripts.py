@@ -32,6 +32,8 @@ def test_bench_train_case_flags_become_overrides():
     assert "data.eval_tokens=10000000" in evaluation and "trainer.eval_every=5" in evaluation
     chunked = bench_train.case_overrides("60m:adamw:bf16_pure:chunked_ce", "/d", 10, True)
     assert chunked[-1] == "trainer.loss_head=chunked"
+    assert bench_train.case_overrides("60m:scale:bf16_pure:deterministic", "/d", 10, True)[-1] == \
+        "trainer.deterministic=true"
     paper_batch = bench_train.case_overrides("1b:adamw:bf16_pure:mb=32:accum=16", "/d", 10, True)
     assert "trainer.micro_batch_size=32" in paper_batch and "trainer.global_batch_size=512" in paper_batch
     with pytest.raises(ValueError, match="unknown case flag 'fast'.*mb=N, accum=N or a Hydra override"):

@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
 from llmopt.model.attention import check_attention, use_attention
+from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss
 from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
+from llmopt.train.reproducible import deterministic_mode
 from llmopt.train.schedule import build_schedule
 from llmopt.train.trainer import Trainer, TrainerConfig
 
@@ -33,7 +35,7 @@ log = logging.getLogger("llmopt")
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
 TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpointing", "loss_head",
-                     "rotary_table", "attention")
+                     "rotary_table", "attention", "deterministic")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -133,6 +135,11 @@ class ModelCache:
 
 def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dict:
     """Train one run in `run_dir`; `models` (optional) reuses compiled models across runs of one process."""
+    with deterministic_mode(bool(cfg.trainer.get("deterministic", False))):
+        return _run(cfg, run_dir, models)
+
+
+def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None) -> dict:
     from accelerate.utils import DistributedType
 
     from llmopt.data import build_data
@@ -163,12 +170,15 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     loss_head = str(cfg.trainer.get("loss_head", "auto"))
     rotary_table = bool(cfg.trainer.get("rotary_table", True))
     attention = str(cfg.trainer.get("attention", "sdpa"))
+    deterministic = bool(cfg.trainer.get("deterministic", False))
 
     def build():
         model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
         if rotary_table:
             use_rotary_table(model)
         use_attention(model, attention)
+        if deterministic:  # compiled, the embedding's ordered gradient is otherwise slow on real text
+            use_ordered_embedding(model)
         if checkpoint_activations:
             # recompute each decoder layer's activations in the backward pass: memory for time (large
             # flavors on one GPU); non-reentrant, which torch.compile and no_sync accumulation support
@@ -187,7 +197,7 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
                tcfg.precision, bool(cfg.trainer.compile), tuple(sorted(compile_options.items())),
                checkpoint_activations, loss_head, rotary_table, attention, str(accelerator.device),
-               accelerator.num_processes)
+               accelerator.num_processes, deterministic)
         model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,

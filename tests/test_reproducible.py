@@ -1,0 +1,188 @@
+"""trainer.deterministic (llmopt.train.reproducible), the ordered embedding gradient it uses, and
+scripts/repeat_run.py. Whether GPU runs then repeat bit for bit is measured on the GPU (benchmarks/RESULTS.md):
+on a CPU every run repeats, with or without the mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmopt.model.embedding import OrderedEmbedding, use_ordered_embedding
+from llmopt.train.reproducible import CUBLAS_WORKSPACE, deterministic_mode
+from tests.conftest import micro_model
+from tests.train_helpers import C4_SMALL, ROOT, compose_config, metrics, run_in_process
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import repeat_run  # noqa: E402
+
+
+def mode_state():
+    from torch._inductor import config as inductor_config
+    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"), inductor_config.deterministic,
+            torch.utils.deterministic.fill_uninitialized_memory)
+
+
+def test_deterministic_mode_sets_everything_and_puts_it_back(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = mode_state()
+    assert before[0] is False and before[3] is None
+    with deterministic_mode(False):
+        assert mode_state() == before
+    with deterministic_mode(True):
+        assert mode_state() == (True, True, False, CUBLAS_WORKSPACE, True, False)
+    assert mode_state() == before
+    with pytest.raises(RuntimeError, match="inside"):  # also after an error
+        with deterministic_mode(True):
+            raise RuntimeError("inside")
+    assert mode_state() == before
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a user's own setting is kept
+    with deterministic_mode(True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    try:  # a mode the process had already set (here: warn-only) is what comes back
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with deterministic_mode(True):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def embedding_case(dtype, id_dtype, padding_idx):
+    """An embedding, ids that repeat (one id fills a whole row of the batch; the padding id and the last id occur)
+    and a gradient for its output."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=g).to(dtype)
+    ids = torch.randint(0, 50, (4, 33), generator=g)
+    ids[0, :5] = 0 if padding_idx is None else padding_idx % 50
+    ids[1] = 7
+    ids[2, :3] = 49
+    return weight, ids.to(id_dtype), torch.randn(4, 33, 8, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype, id_dtype, padding_idx", [(torch.float64, torch.int64, 0),
+                                                          (torch.float64, torch.int64, None),
+                                                          (torch.bfloat16, torch.int32, -1)])
+def test_ordered_embedding_matches_nn_embedding(compiled, dtype, id_dtype, padding_idx):
+    """Output and weight gradient equal nn.Embedding's (float64 and bf16; the padding row's gradient zero), eager
+    and under torch.compile, where inductor calls the custom op instead of decomposing the backward into a
+    scatter-add (which plain nn.Embedding compiles to on this CPU: atomic_add)."""
+    from torch._inductor.utils import run_and_get_code
+
+    weight, ids, grad = embedding_case(dtype, id_dtype, padding_idx)
+    reference = torch.nn.Embedding(50, 8, padding_idx=padding_idx, _weight=weight.clone())
+    reference(ids).backward(grad)
+    ordered = OrderedEmbedding(50, 8, padding_idx=padding_idx, _weight=weight.clone())
+
+    def forward_backward(module):
+        out = (torch.compile(module) if compiled else module)(ids)
+        out.backward(grad)
+        return out
+    if compiled:
+        torch._dynamo.reset()
+        out, code = run_and_get_code(forward_backward, ordered)
+        assert any("llmopt.embedding_backward" in c for c in code), "the custom op is not called"
+        assert not any("atomic_add" in c or "index_put" in c for c in code), "the backward was decomposed"
+        torch._dynamo.reset()
+        _, plain_code = run_and_get_code(forward_backward, torch.nn.Embedding(50, 8, _weight=weight.clone()))
+        assert any("atomic_add" in c for c in plain_code)  # what the check above would catch
+    else:
+        out = forward_backward(ordered)
+    assert torch.equal(out, reference(ids))
+    assert torch.equal(ordered.weight.grad, reference.weight.grad)
+    assert ordered.weight.grad[7].abs().max() > 0
+    if padding_idx is None:  # aten reads -1 as "no padding": the last row keeps its gradient
+        assert ordered.weight.grad[49].abs().max() > 0
+    else:
+        assert ordered.weight.grad[padding_idx].abs().max() == 0
+
+
+def test_embedding_backward_op_passes_torch_opcheck():
+    from llmopt.model.embedding import embedding_backward
+    weight, ids, grad = embedding_case(torch.float32, torch.int64, 0)
+    torch.library.opcheck(embedding_backward, (grad, ids, 50, 0))
+
+
+def test_ordered_embedding_refuses_what_it_does_not_compute():
+    for option in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}):
+        with pytest.raises(ValueError, match="plain lookup"):
+            OrderedEmbedding(50, 8, **option)
+
+
+def test_use_ordered_embedding_keeps_the_parameter_and_its_name():
+    model = micro_model()
+    weight = model.get_input_embeddings().weight
+    names = [name for name, _ in model.named_parameters()]
+    use_ordered_embedding(model)
+    assert type(model.get_input_embeddings()) is OrderedEmbedding
+    assert model.get_input_embeddings().weight is weight
+    assert [name for name, _ in model.named_parameters()] == names
+    tokens = torch.randint(0, 128, (2, 12))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_deterministic_run_trains_exactly_as_the_default_on_cpu(tmp_path, monkeypatch):
+    """trainer.deterministic=true: the mode is on while the run trains (and off after), the model's embedding is
+    the ordered one, and on the CPU the losses are those of the default run, bit for bit."""
+    from llmopt.train.run import ModelCache, run
+    from llmopt.train.trainer import Trainer
+
+    seen = []
+    fit = Trainer.fit
+
+    def spy(self):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return fit(self)
+    monkeypatch.setattr(Trainer, "fit", spy)
+    base = [*C4_SMALL, "trainer.steps=3", "optimizer=scale", "schedule=constant"]
+    models = ModelCache()
+    _, default_dir = run_in_process(tmp_path, base, name="default")
+    cfg = compose_config([f"checkpoint.dir={tmp_path / 'ckpt'}", *base, "trainer.deterministic=true"])
+    run(cfg, tmp_path / "deterministic", models=models)
+    assert seen == [False, True] and not torch.are_deterministic_algorithms_enabled()
+    (model, _, _), = models._entries.values()
+    assert type(model.get_input_embeddings()) is OrderedEmbedding
+    losses = [[r["train/loss"] for r in metrics(d) if "train/loss" in r] for d in (default_dir,
+                                                                                   tmp_path / "deterministic")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_repeat_run_compares_losses_exactly():
+    same = repeat_run.compare([{1: 2.5, 2: 2.25}, {1: 2.5, 2: 2.25}])
+    assert same["identical"] and same["first_difference"] is None and same["max_spread"] == 0 and same["steps"] == 2
+    differ = repeat_run.compare([{1: 2.5, 2: 2.25, 3: 2.0}, {1: 2.5, 2: 2.25 + 1e-7, 3: 2.5}, {1: 2.5, 2: 2.25}])
+    assert not differ["identical"] and differ["first_difference"] == 2 and differ["steps"] == 2
+    assert differ["spread"] == {1: 0.0, 2: pytest.approx(1e-7)} and differ["missing"] == [3]
+    stopped_early = repeat_run.compare([{1: 2.5, 2: 2.25}, {1: 2.5}])
+    assert not stopped_early["identical"] and stopped_early["first_difference"] is None
+    assert stopped_early["missing"] == [2]
+    with pytest.raises(ValueError, match="at least two runs"):
+        repeat_run.compare([{1: 2.5}])
+    with pytest.raises(ValueError, match="no common step"):
+        repeat_run.compare([{1: 2.5}, {2: 2.5}])
+
+
+def test_repeat_run_cli_on_the_offline_default(tmp_path):
+    """Two fresh-process runs of the main job repeat on a CPU (exit 0, every step's loss identical); a run that
+    fails is reported with its error (exit 3)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "result.jsonl"
+    done = subprocess.run([sys.executable, "scripts/repeat_run.py", "--out", str(out), "--", "trainer.steps=3",
+                           "trainer.deterministic=true"], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 runs, 3 steps: losses identical at every step" in done.stdout
+    row = json.loads(out.read_text())
+    assert row["identical"] and len(row["losses"]) == 2 and row["losses"][0] == row["losses"][1]
+    failed = subprocess.run([sys.executable, "scripts/repeat_run.py", "--", "optimizer=nonexistent"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert failed.returncode == repeat_run.RUN_FAILED
+    assert "run 1 failed" in failed.stderr and "nonexistent" in failed.stderr
