@@ -135,11 +135,12 @@ class ModelCache:
 
 def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dict:
     """Train one run in `run_dir`; `models` (optional) reuses compiled models across runs of one process."""
-    with deterministic_mode(bool(cfg.trainer.get("deterministic", False))):
-        return _run(cfg, run_dir, models)
+    deterministic = bool(cfg.trainer.get("deterministic", False))
+    with deterministic_mode(deterministic):
+        return _run(cfg, run_dir, models, deterministic)
 
 
-def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministic: bool) -> dict:
     from accelerate.utils import DistributedType
 
     from llmopt.data import build_data
@@ -170,7 +171,6 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None) -> dict:
     loss_head = str(cfg.trainer.get("loss_head", "auto"))
     rotary_table = bool(cfg.trainer.get("rotary_table", True))
     attention = str(cfg.trainer.get("attention", "sdpa"))
-    deterministic = bool(cfg.trainer.get("deterministic", False))
 
     def build():
         model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
