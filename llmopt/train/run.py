@@ -240,7 +240,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         data.close()
     summary.update({"run_dir": str(run_dir), "is_main": accelerator.is_main_process, "optimizer": opt_name,
                     "lookahead": bool(lookahead), "flavor": cfg.model.flavor, "precision": tcfg.precision,
-                    "params": counts["total"],
+                    "processes": accelerator.num_processes, "params": counts["total"],
                     "optimizer_state_bytes": state_bytes(optimizer), **fixed})
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
