@@ -178,6 +178,7 @@ def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
     momenta = tensors(FLAT_SHAPES, torch.float32, device, 4)
     grads = tensors(FLAT_SHAPES, torch.float32, device, 5)
     expected = [m.double() + weight * (g.double() - m.double()) for m, g in zip(momenta, grads)]
+    originals = [m.clone() for m in momenta]
     sums = kernels.lerp_sumsq_(momenta, grads, weight)
     # one launch per distinct non-empty size, together one program per 16 elements of each tensor
     assert len(launches) == len({math.prod(s) for s in FLAT_SHAPES} - {0}) and {b for _, b in launches} == {16}
@@ -186,8 +187,8 @@ def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
     for i, (m, e) in enumerate(zip(momenta, expected)):
         torch.testing.assert_close(m.cpu(), e.float().cpu(), rtol=1e-6, atol=1e-6, msg=f"momentum {i}")
         assert sums[i].item() == pytest.approx(m.double().pow(2).sum().item(), rel=1e-5), f"sum of squares {i}"
-    again = kernels.lerp_sumsq_([m.clone() for m in momenta], grads, weight)
-    assert torch.equal(again, kernels.lerp_sumsq_([m.clone() for m in momenta], grads, weight)), \
+    again = kernels.lerp_sumsq_(originals, grads, weight)
+    assert torch.equal(again, sums) and all(torch.equal(a, m) for a, m in zip(originals, momenta)), \
         "the sums must be reproducible (no atomics)"
 
 
