@@ -182,38 +182,37 @@ def test_repeat_run_compares_losses_exactly():
         repeat_run.compare([{1: 2.5}, {2: 2.5}])
 
 
+def repeat_cli(*args: str) -> subprocess.CompletedProcess:
+    """scripts/repeat_run.py ARGS as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, "scripts/repeat_run.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
 def test_repeat_run_cli_on_the_offline_default(tmp_path):
     """Two fresh-process runs of the main job repeat on a CPU (exit 0, every step's loss identical); a run that
     fails is reported with its error (exit 3)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "result.jsonl"
-    done = subprocess.run([sys.executable, "scripts/repeat_run.py", "--out", str(out), "--", "trainer.steps=3",
-                           "trainer.deterministic=true"], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = repeat_cli("--out", str(out), "--", "trainer.steps=3", "trainer.deterministic=true")
     assert done.returncode == 0, done.stderr
     assert "2 runs of 1 process(es), 3 steps: losses identical at every step" in done.stdout
     row = json.loads(out.read_text())
     assert row["identical"] and len(row["losses"]) == 2 and row["losses"][0] == row["losses"][1]
     assert row["processes"] == [1, 1] and row["launcher"] is None
-    failed = subprocess.run([sys.executable, "scripts/repeat_run.py", "--", "optimizer=nonexistent"], cwd=ROOT,
-                            capture_output=True, text=True, env=env, timeout=300)
+    failed = repeat_cli("--", "optimizer=nonexistent")
     assert failed.returncode == repeat_run.RUN_FAILED
     assert "run 1 failed" in failed.stderr and "nonexistent" in failed.stderr
 
 
-def test_repeat_run_launches_ddp_runs(tmp_path):
+def test_repeat_run_launches_ddp_runs(tmp_path, capsys):
     """--launcher starts each run through a launcher: here torchrun with 2 CPU processes (gloo); both runs train
     as 2 processes and repeat bit for bit. An empty launcher is refused before anything runs."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "result.jsonl"
     launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
-    done = subprocess.run([sys.executable, "scripts/repeat_run.py", "--launcher", launcher, "--out", str(out), "--",
-                           "trainer.steps=3", "trainer.device=cpu"], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = repeat_cli("--launcher", launcher, "--out", str(out), "--", "trainer.steps=3", "trainer.device=cpu")
     assert done.returncode == 0, done.stderr
     assert "2 runs of 2 process(es), 3 steps: losses identical at every step" in done.stdout
     row = json.loads(out.read_text())
     assert row["processes"] == [2, 2] and row["launcher"] == launcher and len(row["losses"][0]) == 3
-    empty = subprocess.run([sys.executable, "scripts/repeat_run.py", "--launcher", "", "--", "trainer.steps=1"],
-                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
-    assert empty.returncode == 2 and "--launcher is empty" in empty.stderr
+    with pytest.raises(SystemExit) as refused:
+        repeat_run.main(["--launcher", "", "--", "trainer.steps=1"])
+    assert refused.value.code == 2 and "--launcher is empty" in capsys.readouterr().err
