@@ -13,6 +13,7 @@ import re
 import sys
 
 # per kernel: its pointer arguments' types ("*D": the kernel's DTYPE) and the constexpr variants the code launches
+# (M_DTYPE, the EMA momentum's dtype: "fp32" or "DTYPE")
 SPECS = {
     "_row_update_kernel": (
         {"p_addrs": "*i64", "d_addrs": "*i64", "g_addrs": "*i64"},
@@ -31,7 +32,9 @@ SPECS = {
     "_row_lerp_sumsq_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "row_sq": "*fp32"},
                                [dict(ROWS=1, BLOCK=2048, ALIGNED=True)]),
     "_ema_momentum_kernel": ({"m_addrs": "*i64", "prev_addrs": "*i64", "p_addrs": "*i64"},
-                             [dict(BLOCK=1024, ALIGNED=True), dict(BLOCK=1024, ALIGNED=False)]),
+                             [dict(BLOCK=1024, ALIGNED=True, M_DTYPE="fp32"),
+                              dict(BLOCK=1024, ALIGNED=False, M_DTYPE="fp32"),
+                              dict(BLOCK=1024, ALIGNED=True, M_DTYPE="DTYPE")]),
     "_muon_stack_kernel": ({"m_addrs": "*i64", "g_addrs": "*i64", "stack": "*bf16", "partials": "*fp32"},
                            [dict(NESTEROV=True, BLOCK=1024, ALIGNED=True), dict(NESTEROV=False, BLOCK=1024,
                                                                                  ALIGNED=False)]),
@@ -65,6 +68,8 @@ def compile_all() -> list[str]:
                 continue  # no DTYPE: one compile
             for variant in variants:
                 values = {**variant, "DTYPE": dtype} if "DTYPE" in constexprs else dict(variant)
+                if "M_DTYPE" in values:  # a second dtype (the EMA momentum): fp32, or the kernel's DTYPE
+                    values["M_DTYPE"] = {"fp32": tl.float32, "DTYPE": dtype}[values["M_DTYPE"]]
                 signature = {}
                 for n in names:
                     if n in constexprs:

@@ -169,6 +169,12 @@ def test_sgd_two_ranks_equal_one_process(launched):
         assert a["train/tokens"] == b["train/tokens"]
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-5)
+    # the evaluation: the ranks split the one process's validation set (eval batch = micro: 2 per rank, 4 in
+    # one process), so the token-weighted loss and the per-rank batch count (paper_loss's divisor) agree
+    (two_eval,), (one_eval,) = ([r for r in logged[n] if "eval/loss" in r] for n in ("two", "one"))
+    assert two_eval["eval/tokens"] == one_eval["eval/tokens"] > 0
+    assert two_eval["eval/loss"] == pytest.approx(one_eval["eval/loss"], rel=1e-6)
+    assert two_eval["eval/paper_batches"] == one_eval["eval/paper_batches"] > 0
 
 
 @pytest.mark.slow

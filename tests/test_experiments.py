@@ -39,6 +39,8 @@ C4 = {"data.name": "c4", "data.mode": "truncate_pad", "data.seq_len": 256, "data
       "data.shuffle_seed": 42, "data.eval_tokens": 10_000_000}
 
 # -- section 2: SCALE -----------------------------------------------------------------------------------------
+# the reference's evaluation batch over all GPUs (SCALE's scripts: --batch_size x --nproc_per_node)
+SCALE_EVAL_BATCH = {"60m": 2 * 256, "130m": 2 * 256, "350m": 4 * 128, "1b": 8 * 64, "7b": 8 * 32}
 SCALE_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 2e-4, "7b": 1e-4}
 SCALE_ADAM_LR = {"60m": 0.02, "130m": 0.02, "350m": 0.02, "1b": 1e-3, "7b": 1e-3}   # the scripts' values
 
@@ -69,7 +71,8 @@ def _tags(table: str, row: str, size: str) -> dict:
 def scale_table(row: str, size: str) -> dict:
     steps, warmup, tokens = SCALE_60M_STEPS if (row, size) == ("scale", "60m") else GP_STEPS[size]
     exp = {**GALORE_PROTOCOL, **C4, **_tags("scale_table", row, size), "model.flavor": size,
-           "optimizer.name": row, "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens}
+           "optimizer.name": row, "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens,
+           "trainer.eval_global_batch_size": SCALE_EVAL_BATCH[size]}
     if row == "adam":
         exp.update({"optimizer.lr": 1e-3, "optimizer.eps": 1e-8, "optimizer.weight_decay": 0.0})
     elif row == "muon":
@@ -89,14 +92,15 @@ def scale_table(row: str, size: str) -> dict:
                     "optimizer.scale": 128.0, "optimizer.scale_type": "tensor"})
     elif row == "scale":
         exp.update(scale_optimizer(size, "column", "output"))
-    if size == "7b" and row == "apollo":
-        exp["trainer.grad_clip"] = 1.0      # GaLore's 7B setting (section 1)
+    if row in ("galore", "fira", "apollo", "apollo_mini"):  # the packages' Adam defaults (the scripts pass none)
+        exp.update({"optimizer.eps": 1e-6, "optimizer.betas": [0.9, 0.999], "optimizer.weight_decay": 0.0})
     return exp
 
 
 def scale_optimizer(size: str, normalization: str, momentum_on: str) -> dict:
     return {"optimizer.name": "scale", "optimizer.lr": SCALE_LR[size], "optimizer.momentum": 0.9,
-            "optimizer.adam_lr": SCALE_ADAM_LR[size], "optimizer.weight_decay": 0.0,
+            "optimizer.adam_lr": SCALE_ADAM_LR[size], "optimizer.adam_betas": [0.9, 0.999],
+            "optimizer.adam_eps": 1e-8, "optimizer.weight_decay": 0.0,
             "optimizer.normalization": normalization, "optimizer.momentum_on": momentum_on}
 
 
@@ -105,7 +109,8 @@ def scale_ablation(row: str, size: str) -> dict:
     steps, warmup, tokens = SCALE_60M_STEPS if size == "60m" else GP_STEPS[size]
     return {**GALORE_PROTOCOL, **C4, **_tags("scale_ablation", row, size), "model.flavor": size,
             **scale_optimizer(size, normalization, "output" if momentum else "none"),
-            "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens}
+            "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens,
+            "trainer.eval_global_batch_size": SCALE_EVAL_BATCH[size]}
 
 
 def sgd_ll_table(row: str, size: str) -> dict:
@@ -143,7 +148,8 @@ def ema_nesterov(row: str, size: str) -> dict:
 def expected() -> dict[str, dict]:
     table = {}
     for row in ["adam", "muon", "galore", "fira", "apollo", "apollo_mini", "scale"]:
-        for size in ["60m", "130m", "350m", "1b"] + (["7b"] if row in ("scale", "apollo") else []):
+        with_7b = row in ("scale", "apollo", "apollo_mini", "muon")  # the 7B rows of section 2
+        for size in ["60m", "130m", "350m", "1b"] + (["7b"] if with_7b else []):
             table[f"scale_table/{row}_{size}"] = scale_table(row, size)
     for normalization in ["sign", "row", "column", "spectral"]:
         for row in [normalization, f"{normalization}_momentum"]:
@@ -174,7 +180,7 @@ def resolved(cfg, key: str):
 
 
 def test_every_experiment_has_an_expectation_and_every_expectation_a_file():
-    assert len(EXPERIMENTS) == 71
+    assert len(EXPERIMENTS) == 73
     assert TOP_LEVEL == ["mini_protocol"], "a new top-level experiment needs its own tests"
     assert set(EXPERIMENTS) == set(EXPECTED), (
         f"files without expectations: {sorted(set(EXPERIMENTS) - set(EXPECTED))}; "
@@ -291,3 +297,16 @@ def test_documented_sweep_composes_every_value(hydra_configs, overrides):
         assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}_${run_name}"
         names.add(resolved(cfg, "run_name"))
     assert len(names) > 1
+
+
+def test_default_lookahead_window_is_the_papers_share_of_the_run(hydra_configs):
+    """lookahead=ema_nesterov without a window: the paper's 30%-80% of trainer.steps (750-2000 of 2500), so the
+    lookahead is off during warmup and the final decay; m in fp32 (EMANesterov's momentum_dtype)."""
+    import llmopt.train  # noqa: F401  (registers the fraction_of_steps resolver, as the entry points do)
+
+    for steps, window in ((2500, [750, 2000]), (1000, [300, 800]), (7, [2, 6])):
+        cfg = compose("train", overrides=["lookahead=ema_nesterov", f"trainer.steps={steps}"])
+        look = OmegaConf.to_container(cfg.lookahead, resolve=True)
+        assert [look["start_step"], look["end_step"]] == window and look["momentum_dtype"] == "float32"
+    cfg = compose("train", overrides=["lookahead=ema_nesterov", "lookahead.start_step=5", "lookahead.end_step=null"])
+    assert resolved(cfg, "lookahead.start_step") == 5 and resolved(cfg, "lookahead.end_step") is None

@@ -35,6 +35,7 @@ from tests.test_optim_reference import (
     RefSCALE,
     RefSGDLL,
     assert_close,
+    ema_momentum_error,
     role_groups,
     role_of_names,
     set_lrs,
@@ -524,6 +525,14 @@ def test_ema_nesterov_fused_matches_reference(device, init):
             n = names[id(p)]
             assert_close(momentum.cpu(), ref_ema.m[n], f"step {t}: lookahead momentum of {n}", tol=2e-5)
             assert torch.equal(prev, p.detach()), f"step {t}: prev of {n}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ema_nesterov_fused_bf16_momentum_follows_the_ema(device):
+    """The fused update with bf16 parameters and an fp32 m (the default) follows the float64 EMA; with m in bf16
+    (momentum_dtype="param") the kernel runs one dtype and drifts as the eager code does."""
+    assert ema_momentum_error(0.999, "float32", fused=True, device=device, steps=120) < 2e-3
+    assert ema_momentum_error(0.999, "param", fused=True, device=device, steps=120) > 0.05
 
 
 @pytest.mark.parametrize("device", DEVICES)

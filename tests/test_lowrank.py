@@ -56,7 +56,7 @@ def test_groups_roles_and_protocol_defaults(method):
     for key in {"scale", "alpha", "scale_type", "proj"} - set(expected):
         assert key not in low
     for g in opt.param_groups[1:]:
-        assert "rank" not in g and g["lr"] == 0.01 and g["eps"] == 1e-8
+        assert "rank" not in g and g["lr"] == 0.01 and g["eps"] == 1e-6
     assert opt.adamw is not None
     roles = classify_parameters(model)
     names = [g["param_names"] for g in opt.state_dict()["param_groups"]]
@@ -250,3 +250,35 @@ def test_state_elements_bad_inputs():
         lowrank_state_elements("adam", [(4, 4)], 0, 1)
     with pytest.raises(ValueError, match="rank must be"):
         lowrank_state_elements("galore", [(4, 4)], 0, 0)
+
+
+@pytest.mark.parametrize("method, key", [("galore", "scale"), ("fira", "alpha")])
+def test_matrices_step_as_the_package_in_the_reference_scripts(method, key):
+    """The reference scripts' construction: ONE package optimizer over every parameter, the regular ones first,
+    the attention/MLP matrices in a group with the projection keys. Fed the same gradients, llmopt's optimizer
+    gives the matrices exactly the package's values, across a projector refresh (gap 3, 5 steps)."""
+    from llmopt.optim.lowrank import _import_optimizer_class
+
+    model = _model()
+    ref_model = copy.deepcopy(model)
+    opt = build_lowrank(method, classify_parameters(model), lr=0.01, rank=4, update_proj_gap=3, **{key: 0.25})
+    roles = classify_parameters(ref_model)
+    ref = _import_optimizer_class(method)(
+        [{"params": _plain_params(roles)},
+         {"params": roles.params("matrix"), "rank": 4, "update_proj_gap": 3, key: 0.25, "proj_type": "std"}],
+        lr=0.01, weight_decay=0.0, no_deprecation_warning=True)  # betas, eps: the package defaults, as the scripts
+    names = [n for n, p in model.named_parameters()]
+    matrices = {n for n, _ in classify_parameters(model).by_role["matrix"]}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(5):
+        gen = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            if n in matrices:
+                assert torch.equal(p, q), f"step {step}: {n} differs from the package's"
+    moved = [n for n in names if n in matrices and not torch.equal(dict(model.named_parameters())[n], start[n])]
+    assert len(moved) == len(matrices)

@@ -38,7 +38,8 @@ torch AdamW (the base in the EMA tests):
 
 Pure-bf16 mode (documented by test_bf16_params): optimizer state is stored in the parameter dtype
 (bf16), as in the reference code of the protocol ("weights, gradients and optimizer states are all
-bf16"); the EMA-Nesterov buffers prev / momentum are in the parameter dtype per the API spec.
+bf16"); EMA-Nesterov's prev is in the parameter dtype and its momentum in fp32 (a bf16 EMA with gamma
+0.99-0.999 cannot decay: test_ema_nesterov_bf16_momentum_follows_the_ema).
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ class RefSGDLL:
             if self.roles[n] == "output" and self.delta is not None:
                 norms = m.norm(dim=1, keepdim=True)
                 st["row_clip_fraction"] = (norms > self.delta).double().mean().item()
-                u = m * torch.clamp(self.delta / norms, max=1.0)  # norm 0 -> inf -> 1
+                # the authors floor the row norm at 1e-8: a zero row is scaled by 1 (by 0 if delta = 0)
+                u = m * torch.clamp(self.delta / norms.clamp(min=1e-8), max=1.0)
             st["rms_clipped"] = 0.0
             if self.tau is not None:
                 r = u.pow(2).mean().sqrt().item()
@@ -531,6 +533,56 @@ def test_sgd_ll_via_build_optimizer_roles():
     assert "row_clip_fraction" not in opt.state[model.model.embed_tokens.weight]
 
 
+def zero_some_gradients(model, step):
+    """Rows and columns of zeros where the normalizations divide: a matrix row (SCALE's per-row RMS), the first
+    lm_head rows (SCALE's per-token scale, SGD-LL's per-token clip), an embedding column (SCALE's per-hidden-unit
+    RMS); at step 2 every gradient is zero."""
+    for n, p in model.named_parameters():
+        if step == 2:
+            p.grad.zero_()
+        elif n.endswith("q_proj.weight") or n == "lm_head.weight":
+            p.grad[:3].zero_()
+        elif n.endswith("embed_tokens.weight"):
+            p.grad[:, :2].zero_()
+
+
+ZERO_CASES = {
+    "scale_column_output": lambda m: (SCALE, dict(scale_hparams("column", "output", 0.0))),
+    "scale_column_all_wd": lambda m: (SCALE, dict(scale_hparams("column", "all", 0.1))),
+    "sgd_ll": lambda m: (SGDLL, dict(lr=100.0, momentum=0.9, tau=5e-4, delta=1e-3)),
+    "sgd_ll_delta_0": lambda m: (SGDLL, dict(lr=100.0, momentum=0.9, tau=5e-4, delta=0.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_CASES))
+def test_zero_rows_and_zero_gradients_match_reference(case):
+    """Zero rows and columns of the gradient, then an all-zero gradient: finite, as the references (the 1e-8
+    floors), and what must not move does not (a zero lm_head row under SGD-LL with delta = 0 gets factor 0)."""
+    model = make_model()
+    ref = copy.deepcopy(model)
+    refp = dict(ref.named_parameters())
+    cls, hp = ZERO_CASES[case](model)
+    opt = cls(role_groups(model), **hp)
+    refopt = (RefSCALE if cls is SCALE else RefSGDLL)(role_of_names(model), **hp)
+    peaks = [g["lr"] for g in opt.param_groups]
+    for t, batch in enumerate(make_batches(4)):
+        set_lrs(opt, peaks, FACTORS[t])
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for m in (model, ref):
+            m.zero_grad()
+            loss_backward(m, batch)
+            zero_some_gradients(m, t)
+        opt.step()
+        refopt.step(refp, FACTORS[t])
+        compare_models(model, ref, f"{case} step {t}")
+        after = dict(model.named_parameters())
+        if case == "sgd_ll_delta_0":  # every lm_head row is clipped to zero: the output layer never moves
+            assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+        if t == 0 and cls is SCALE and "wd" not in case:  # a zero row without momentum: not moved
+            q = next(n for n in after if n.endswith("q_proj.weight"))
+            assert torch.equal(after[q][:3], before[q][:3]) and not torch.equal(after[q][3:], before[q][3:])
+
+
 # ----------------------------------------------------------------------------------------------
 # EMA-Nesterov
 # ----------------------------------------------------------------------------------------------
@@ -826,11 +878,45 @@ def test_bf16_params(kind):
     if is_ema:
         sd = opt.state_dict()
         assert len(sd["prev"]) == len(sd["momentum"]) == len(p0)
-        for buf in sd["prev"] + sd["momentum"]:
+        for buf in sd["prev"]:  # an exact copy of the parameters; m in fp32 (see the next test)
             assert buf.dtype == torch.bfloat16 and torch.isfinite(buf).all()
+        for buf in sd["momentum"]:
+            assert buf.dtype == torch.float32 and torch.isfinite(buf).all()
         with torch.no_grad():
             loss = model(input_ids=make_batches(1)[0], labels=make_batches(1)[0]).loss
         assert torch.isfinite(loss)
+
+
+def ema_momentum_error(gamma: float, momentum_dtype: str, fused: bool, device: str = "cpu", steps: int = 300):
+    """EMA-Nesterov over SGD on bf16 parameters, gradients shrinking 10x a third of the way in (m must decay):
+    the largest relative error of the wrapper's m against a float64 EMA of the same d = x_{t+1} - x_t."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(torch.bfloat16).to(device))
+              for shape in ((64, 48), (300,))]
+    opt = EMANesterov(torch.optim.SGD(params, lr=1e-2), beta=0.5, gamma=gamma, start_step=steps,
+                      momentum_dtype=momentum_dtype, fused=fused)
+    ref_m = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    worst = 0.0
+    for t in range(steps):
+        before = [p.detach().double().cpu() for p in params]
+        opt.pre_forward()  # outside the window (start_step=steps): beta_t = 0, the parameters stay
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * (1.0 if t < steps // 3 else 0.1)).to(p)
+        opt.step()
+        for i, p in enumerate(params):
+            ref_m[i].mul_(gamma).add_(p.detach().double().cpu() - before[i], alpha=1 - gamma)
+        if t >= steps // 3:
+            worst = max(worst, max(((m.double().cpu() - r).norm() / r.norm()).item()
+                                   for m, r in zip(opt.momentum, ref_m)))
+    return worst
+
+
+@pytest.mark.parametrize("gamma", [0.99, 0.999])
+def test_ema_nesterov_bf16_momentum_follows_the_ema(gamma):
+    """Pure bf16: m in fp32 (the default) follows the float64 EMA of the bf16 steps; in bf16 it cannot (gamma m
+    rounds back to m), which is why it is not the default."""
+    assert ema_momentum_error(gamma, "float32", fused=False) < 2e-3  # d rounds to bf16 where |d| > |x_t|
+    assert ema_momentum_error(gamma, "param", fused=False) > 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -862,6 +948,8 @@ BAD_INPUTS = [
     ("ema_gamma_1", lambda: EMANesterov(torch.optim.AdamW(_params()), gamma=1.0), ["gamma", "1"]),
     ("ema_gamma_neg", lambda: EMANesterov(torch.optim.AdamW(_params()), gamma=-0.3), ["gamma", "-0.3"]),
     ("ema_init", lambda: EMANesterov(torch.optim.AdamW(_params()), init="paper"), ["init", "paper", "first_update"]),
+    ("ema_momentum_dtype", lambda: EMANesterov(torch.optim.AdamW(_params()), momentum_dtype="bf16"),
+     ["momentum_dtype", "bf16", "float32", "param"]),
     ("build_scale_normalization", lambda: build_optimizer(make_model(), "scale", normalization="bogus"),
      ["normalization", "bogus"]),
     ("build_sgd_ll_tau", lambda: build_optimizer(make_model(), "sgd_ll", tau=-1.0), ["tau", "-1"]),

@@ -153,3 +153,36 @@ def test_lookahead_wraps_and_counts_its_buffers():
     n = sum(p.numel() for p in model.parameters())
     from llmopt.optim import state_bytes
     assert state_bytes(opt) == 2 * n * 4   # prev + momentum, before any step
+
+
+def test_lookahead_momentum_in_fp32_over_bf16_parameters():
+    """Pure bf16: prev is a bf16 copy, m fp32 (2 + 4 bytes per parameter); momentum_dtype="param" keeps m bf16.
+    The trainer's memory estimate counts the same."""
+    from llmopt.model import llama_config, param_counts
+    from llmopt.optim import state_bytes
+    from llmopt.optim.memory import estimate_train_bytes
+
+    model = micro_model(dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    wide = build_optimizer(model, "sgd", lookahead={"beta": 0.5})
+    narrow = build_optimizer(model, "sgd", lookahead={"beta": 0.5, "momentum_dtype": "param"})
+    assert state_bytes(wide) == n * (2 + 4) and state_bytes(narrow) == n * (2 + 2)
+    counts = param_counts(llama_config("60m"))
+    plain = estimate_train_bytes(counts, "sgd", None, "bf16_pure")
+    assert estimate_train_bytes(counts, "sgd", "ema_nesterov", "bf16_pure") - plain == 6 * counts["total"]
+    assert estimate_train_bytes(counts, "sgd", "ema_nesterov", "bf16_pure", "param") - plain == 4 * counts["total"]
+    assert (estimate_train_bytes(counts, "sgd", "ema_nesterov", "amp_bf16")
+            - estimate_train_bytes(counts, "sgd", None, "amp_bf16")) == 8 * counts["total"]
+
+
+def test_adam_is_torch_fused_where_every_parameter_is_on_cuda():
+    """"fused where available" (protocol section 5): torch's own fused=None would pick foreach."""
+    from types import SimpleNamespace
+
+    from llmopt.optim.registry import torch_fused
+    on_cuda = [{"params": [SimpleNamespace(is_cuda=True)] * 2}]
+    mixed = [{"params": [SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)]}]
+    assert torch_fused(on_cuda, None) is True and torch_fused(mixed, None) is None
+    assert torch_fused(on_cuda, False) is False
+    opt = build_optimizer(micro_model(), "adamw")  # CPU parameters: foreach, as torch's default
+    assert opt.defaults["fused"] is None

@@ -167,3 +167,15 @@ def test_cli_errors(tmp_path, capsys):
     assert "holds no run directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([])                                           # neither run directories nor a W&B group
+
+
+def test_a_swept_cell_shows_the_best_of_the_longest_runs(runs):
+    """An lr sweep fills one cell with several runs: the paper table shows the best (a paper reports its best lr)
+    and says how many there were, whatever the directories' order."""
+    for name, ppl in (("scale_60m_lr0.002_seed42", 28.50), ("scale_60m_lr0.004_seed42", 33.00)):
+        write_run(runs["root"], name, table="scale_table", row="scale", size="60m", optimizer="scale", steps=2000,
+                  evals={2000: (math.log(ppl + 0.3), math.log(ppl))}, slots_per_s=[1], memory_gb=0.1475,
+                  state_bytes=1, params=58_072_128)
+    report = build_report([load_run_dir(p) for p in find_run_dirs([runs["root"]])])
+    row = next(r for r in table_rows(report, "## SCALE") if r["method"] == "scale")
+    assert row["60m"].startswith("28.50 (best of 3)"), row

@@ -19,8 +19,28 @@ def test_cosine_protocol_shape():
 def test_reference_quirks_first_update_at_zero_and_n_plus_one_updates():
     q = Schedule("cosine", steps=100, warmup=10, min_lr_ratio=0.1, reference_quirks=True)
     plain = Schedule("cosine", steps=100, warmup=10, min_lr_ratio=0.1)
-    assert q.num_updates == 101 and q.factor(0) == 0.0 and q.factor(100) == pytest.approx(0.1)
-    assert all(q.factor(s + 1) == plain.factor(s) for s in range(100))
+    assert q.num_updates == 101 and q.factor(0) == 0.0 and q.factor(100) == 1e-7
+    assert all(q.factor(s + 1) == plain.factor(s) for s in range(99))
+
+
+def reference_cyclical_cosine(step: int, warmup: int, cycle: int, min_lr_ratio: float) -> float:
+    """The GaLore protocol code's LambdaLR factor, written from its formula: a cosine with warmup, cyclical
+    (cycle = the run's steps); in cycles after the first, the restarted warmup's first two steps are at 1e-7."""
+    in_cycle = step % cycle
+    if in_cycle < warmup:
+        if step != in_cycle and in_cycle < 2:
+            return 1e-7
+        return in_cycle / max(1, warmup)
+    progress = (in_cycle - warmup) / max(1, cycle - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("steps, warmup", [(100, 10), (10000, 1000), (11000, 1100), (20, 0), (7, 1)])
+def test_reference_quirks_match_the_reference_lambda(steps, warmup):
+    """Every one of the reference loop's steps + 1 updates at the reference's factor, the last one included."""
+    q = Schedule("cosine", steps=steps, warmup=warmup, min_lr_ratio=0.1, reference_quirks=True)
+    for update in range(q.num_updates):
+        assert q.factor(update) == pytest.approx(reference_cyclical_cosine(update, warmup, steps, 0.1), abs=1e-15)
 
 
 def test_wsd_and_constant():

@@ -77,6 +77,50 @@ def test_metrics_keys(tmp_path):
     assert "perf/mfu" not in first  # no known accelerator peak on a CPU
 
 
+def test_perf_records_exclude_evaluation_and_count_non_pad_tokens(tmp_path, monkeypatch):
+    """A clock that jumps 1000 s in every evaluation: the step times logged after one do not hold it. MFU is
+    token slots/s x FLOPs per token / peak (a peak given on the CPU). train/tokens is the non-pad input tokens of
+    the batches trained on, counted here from the same data stream."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from llmopt.data import build_data
+    from llmopt.model import flops_per_token
+    from llmopt.train import run as run_module
+    from llmopt.train import trainer as trainer_module
+
+    jumped = [0.0]
+    real_clock = trainer_module.time.perf_counter
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: real_clock() + jumped[0]))
+    real_evaluate = trainer_module.Trainer.evaluate
+
+    def slow_evaluate(self):
+        jumped[0] += 1000.0
+        return real_evaluate(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(run_module, "_peak", lambda device: 1e12)
+    overrides = [*C4_SMALL, "trainer.steps=6", "trainer.log_every=2", "trainer.eval_every=2", "schedule=constant"]
+    _, run_dir = run_in_process(tmp_path, overrides)
+    records = [r for r in metrics(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 6] and jumped[0] == 3000.0
+    assert all(r["perf/step_time_s"] < 100 for r in records), [r["perf/step_time_s"] for r in records]
+
+    cfg = compose_config(overrides)
+    per_token = flops_per_token(llama_config("micro", vocab_size=32000), 64)
+    for r in records:
+        assert r["perf/mfu"] == pytest.approx(r["perf/token_slots_per_s"] * per_token / 1e12, rel=1e-9)
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=4, seed=cfg.seed)
+    stream = iter(data.train)
+    seen = 0
+    for r in records:  # 2 micro-batches of 4 per step, 2 steps per record
+        seen += sum(int(next(stream)["attention_mask"].sum()) for _ in range(4))
+        assert r["train/tokens"] == seen
+    assert seen < 6 * 8 * 64  # padding is not counted
+    data.close()
+
+
 @pytest.mark.parametrize("micro, accumulation", [(2, 4), (8, 1)])
 def test_accumulation_gives_the_same_update(tmp_path, micro, accumulation):
     """global batch 8 as 4 x 2 (the reference), 2 x 4 or 8 x 1: the same parameters after 2 steps.
@@ -263,12 +307,34 @@ def test_eval_losses_against_a_hand_computation(tmp_path):
 
 
 def test_wandb_offline_writes_a_run(tmp_path, monkeypatch):
+    """logger=wandb (mode online in the file) follows WANDB_MODE=offline and writes under WANDB_DIR."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    _, run_dir = run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=2", "logger.wandb.enabled=true",
-                                           "logger.wandb.mode=offline", "logger.wandb.group=tests"])
-    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    (tmp_path / "wandb_dir").mkdir()
+    _, run_dir = run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=2", "logger=wandb", "logger.wandb.group=tests"])
+    runs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_logged_lr_is_the_updates_own(tmp_path):
+    """train/lr at step s is the lr that update s ran at: with the reference quirks the first is 0 and the extra
+    last one 1e-7 x peak (schedule.py), not the next update's."""
+    _, run_dir = run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=4", "optimizer=sgd", "optimizer.lr=0.1",
+                                           "schedule=cosine", "schedule.warmup_ratio=0.5",
+                                           "schedule.reference_quirks=true"])
+    lrs = [r["train/lr"] for r in metrics(run_dir) if "train/lr" in r]
+    assert lrs == pytest.approx([0.0, 0.05, 0.1, 0.055, 1e-8], abs=1e-12)
+
+
+def test_a_sweep_goes_on_after_a_failed_job(tmp_path):
+    """-m: a refused job (lr -1) is reported and the next one runs."""
+    out = run_cli(["-m", "optimizer.lr=-1,1e-3", "trainer.steps=2", "data.eval_tokens=2000",
+                   f"output_root={tmp_path}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lr must be >= 0" in out.stderr
+    summaries = list(tmp_path.rglob("summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["step"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -278,6 +344,7 @@ def test_wandb_offline_writes_a_run(tmp_path, monkeypatch):
     (["trainer.precision=fp16"], "unknown precision 'fp16'"),
     (["model=7b", "optimizer=adamw", "trainer.device=cpu"], "need about .* GB .* but the device has"),
     (["optimizer.lr=-1"], "lr must be >= 0"),
+    (["data=c4_local", "data.train.files=[c4/nope.jsonl.gz]", "model.vocab_size=32000"], "nope.jsonl.gz"),
 ])
 def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
     import re
@@ -290,6 +357,21 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
         assert "Traceback" not in out.stderr
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trainer.grad_clip=-1"], r"trainer.grad_clip must be >= 0"),
+    (["trainer.eval_batch_size=4", "trainer.eval_global_batch_size=8"], "set one of trainer.eval_batch_size"),
+    (["+trainer.stepz=5"], r"unknown trainer keys \['stepz'\]"),
+    (["lookahead=ema_nesterov", "+lookahead.window=5"], r"unknown lookahead keys \['window'\]"),
+    (["lookahead=ema_nesterov", "lookahead.start_step=400", "lookahead.end_step=null"],
+     r"lookahead window .* is empty in a run of trainer.steps=300"),
+])
+def test_bad_settings_refused_before_anything_is_built(tmp_path, args, message):
+    """(The CLI turns these ValueErrors into one line and exit 2, as the test above shows.)"""
+    with pytest.raises(ValueError, match=message):
+        run_in_process(tmp_path, args)
+    assert not (tmp_path / "run").exists()
 
 
 def test_tiny_model_learns_the_offline_corpus_towards_its_entropy(tmp_path):
@@ -317,3 +399,22 @@ def test_batches_reach_the_device_unchanged(device):
     for key, value in batch.items():
         assert moved[key].device.type == device and moved[key].dtype == value.dtype
         assert torch.equal(moved[key].cpu(), value), key
+
+
+def test_peak_flops_by_device_name():
+    """The H100's PCIe and NVL cards are not the SXM's 989 TFLOP/s (MFU would read low)."""
+    from llmopt.metrics.throughput import peak_flops_of
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops_of("NVIDIA H200") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("Tesla T4") is None
+
+
+def test_eval_global_batch_is_split_over_the_ranks():
+    """trainer.eval_global_batch_size: the reference's evaluation batch over all GPUs, the same per-rank batch
+    count (paper_loss's divisor) on any number of processes."""
+    from llmopt.train.trainer import TrainerConfig
+    assert TrainerConfig(micro_batch_size=8).eval_batch(4) == 8
+    assert TrainerConfig(eval_batch_size=3).eval_batch(4) == 3
+    assert [TrainerConfig(eval_global_batch_size=512).eval_batch(w) for w in (1, 2, 8)] == [512, 256, 64]
+    with pytest.raises(ValueError, match="positive multiple of the number of processes"):
+        TrainerConfig(eval_global_batch_size=512).eval_batch(3)

@@ -74,7 +74,7 @@ class Data:
             raise ValueError(
                 f"the tokenizer ({self.tokenizer_description}) emits ids up to {self.vocab_size - 1}, but the model's "
                 f"vocabulary has only {model_vocab_size} entries: those ids would index past the embedding. Use a "
-                f"model with vocab_size >= {self.vocab_size} (small flavors take it from data.vocab_size), or a "
+                f"model with vocab_size >= {self.vocab_size} (model.vocab_size={self.vocab_size}), or a "
                 f"tokenizer with at most {model_vocab_size} ids (data.tokenizer, or data.vocab_size to cut off "
                 f"added special tokens).")
 

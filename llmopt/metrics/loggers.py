@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -30,7 +31,7 @@ class JsonlLogger:
 
 
 class WandbLogger:
-    """W&B run; mode online | offline (offline writes under the run directory, sync later)."""
+    """W&B run; mode online | offline (offline writes under $WANDB_DIR, else the run directory; sync later)."""
 
     def __init__(self, run_dir: Path, config: dict, project: str, mode: str = "offline",
                  group: str | None = None, name: str | None = None, tags: list[str] | None = None,
@@ -38,7 +39,8 @@ class WandbLogger:
         import wandb
 
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=list(tags or []),
-                              config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
+                              config=config, dir=os.environ.get("WANDB_DIR", str(run_dir)), mode=mode,
+                              reinit="finish_previous")
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)

@@ -2,12 +2,16 @@
 
   x_{t+1} = A_t(x_t + beta_t m_t);      m_{t+1} = gamma m_t + (1 - gamma)(x_{t+1} - x_t)
 
-As in the authors' code, the wrapper keeps prev = x_t and m (two parameter-sized buffers, in the
-parameter dtype). `pre_forward()` moves the parameters in place to the lookahead point
-y = x_t + beta_t m, once per optimizer step (call it before the forward pass; calling it again for
-the next micro-batch does nothing); `step()` lets the base optimizer step from y (its state sees the
-gradient at y), then updates m from x_{t+1} - x_t. The parameters rest at x_{t+1} between steps, so
-evaluation and checkpoints need no swap.
+As in the authors' code, the wrapper keeps prev = x_t and m (two parameter-sized buffers). `pre_forward()`
+moves the parameters in place to the lookahead point y = x_t + beta_t m, once per optimizer step (call it
+before the forward pass; calling it again for the next micro-batch does nothing); `step()` lets the base
+optimizer step from y (its state sees the gradient at y), then updates m from x_{t+1} - x_t. The parameters
+rest at x_{t+1} between steps, so evaluation and checkpoints need no swap.
+
+prev is in the parameter dtype (an exact copy). m is fp32 by default (`momentum_dtype="float32"`; fp64
+parameters keep fp64): the authors train with fp32 weights, and a bf16 m cannot follow the EMA (with gamma
+0.999, gamma * m rounds back to m, so m never decays). `momentum_dtype="param"` keeps m in the parameter
+dtype, as the package's buffers (2 bytes fewer per parameter under pure bf16).
 
 beta_t = beta * lr_t / lr_peak inside [start_step, end_step) and 0 outside, where t counts completed
 steps, lr_t is the base's first group lr when pre_forward runs, and lr_peak its "initial_lr" (set by
@@ -26,27 +30,31 @@ from llmopt.optim.common import OptimizerWrapper, check_choice, check_unit_inter
 from llmopt.optim.memory import state_tensors
 
 INITS = ("zero", "first_update")
+MOMENTUM_DTYPES = ("float32", "param")
 
 
 class EMANesterov(OptimizerWrapper):
     def __init__(self, base_optimizer: torch.optim.Optimizer, beta: float = 0.5, gamma: float = 0.99,
-                 start_step: int = 0, end_step: int | None = None, init: str = "zero", fused: bool | None = None):
+                 start_step: int = 0, end_step: int | None = None, init: str = "zero", momentum_dtype: str = "float32",
+                 fused: bool | None = None):
         check_unit_interval(beta=beta, gamma=gamma)
         check_choice("init", init, INITS)
+        check_choice("momentum_dtype", momentum_dtype, MOMENTUM_DTYPES)
         if start_step < 0 or (end_step is not None and end_step < start_step):
             raise ValueError(f"the lookahead window [start_step={start_step}, end_step={end_step}) must "
                              "satisfy 0 <= start_step <= end_step")
         self.base = base_optimizer
         self.inner = [base_optimizer]
         self._init_wrapper()
-        self.beta, self.gamma, self.init, self.fused = beta, gamma, init, fused
+        self.beta, self.gamma, self.init, self.momentum_dtype, self.fused = beta, gamma, init, momentum_dtype, fused
         self.start_step, self.end_step = start_step, end_step
         first = self.param_groups[0]
         self.lr_peak = first.get("initial_lr", first["lr"])
         self.params = [p for g in self.param_groups for p in g["params"]]
         with torch.no_grad():
             self.prev = [p.detach().clone() for p in self.params]
-            self.momentum = [torch.zeros_like(p) for p in self.params]
+            self.momentum = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)
+                                              if momentum_dtype == "float32" else p.dtype) for p in self.params]
         self.step_count = 0
         self._moved = False
 
@@ -78,7 +86,8 @@ class EMANesterov(OptimizerWrapper):
             # m <- gamma m + (1 - gamma)(p - prev); prev <- p in one pass (gamma = 0: m_1 = x_1 - x_0)
             kernels.ema_momentum_(self.momentum, self.prev, self.params, 0.0 if first_update else self.gamma)
         else:
-            # d = x_{t+1} - x_t is formed in the prev buffer itself (as prev - p = -d): no temporary
+            # d = x_{t+1} - x_t is formed in the prev buffer itself (as prev - p = -d): no temporary. In the
+            # parameter dtype that difference is exact while |d| <= |x_t| (Sterbenz); m adds it in its own dtype
             torch._foreach_sub_(self.prev, self.params)
             if first_update:
                 torch._foreach_copy_(self.momentum, self.prev)
@@ -112,4 +121,4 @@ class EMANesterov(OptimizerWrapper):
 
     def __repr__(self) -> str:
         return (f"EMANesterov(beta={self.beta}, gamma={self.gamma}, window=[{self.start_step}, "
-                f"{self.end_step}), init={self.init}, base={self.base!r})")
+                f"{self.end_step}), init={self.init}, momentum_dtype={self.momentum_dtype}, base={self.base!r})")

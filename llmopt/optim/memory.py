@@ -90,10 +90,14 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def estimate_train_bytes(counts: dict[str, int], optimizer: str, lookahead: str | None,
-                         precision: str) -> int | None:
+                         precision: str, lookahead_momentum_dtype: str = "float32") -> int | None:
     """Weights + gradients + optimizer state before any activation, for refusing a run that cannot fit
-    before allocating it; None where the optimizer's state is not accounted for here."""
+    before allocating it; None where the optimizer's state is not accounted for here. EMA-Nesterov's m is
+    fp32 unless lookahead_momentum_dtype="param" (EMANesterov's momentum_dtype)."""
     if optimizer not in PAPER_STATE_ELEMENTS:
         return None
     weight_bytes = 2 if precision == "bf16_pure" else 4  # amp_bf16 keeps fp32 master weights and grads
-    return weight_bytes * (2 * counts["total"] + state_elements(counts, optimizer, lookahead))
+    need = weight_bytes * (2 * counts["total"] + state_elements(counts, optimizer, lookahead))
+    if lookahead == "ema_nesterov" and lookahead_momentum_dtype == "float32":
+        need += (4 - weight_bytes) * counts["total"]  # m wider than the weights
+    return need

@@ -40,18 +40,28 @@ def _check_lr(**lrs: float) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def torch_fused(groups: list[dict], fused: bool | None) -> bool | None:
+    """fused=None: torch's fused kernel where every parameter is on CUDA ("fused where available"), its foreach
+    implementation elsewhere (torch's own None means foreach)."""
+    if fused is None and all(p.is_cuda for g in groups for p in g["params"]):
+        return True
+    return fused
+
+
 @register("adamw")
 def build_adamw(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
     _check_lr(lr=lr)
-    return torch.optim.AdamW(groups_by_role(roles), lr=lr, betas=tuple(betas), eps=eps,
-                             weight_decay=weight_decay, fused=fused)
+    groups = groups_by_role(roles)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                             fused=torch_fused(groups, fused))
 
 
 @register("adam")
 def build_adam(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
     _check_lr(lr=lr)
-    return torch.optim.Adam(groups_by_role(roles), lr=lr, betas=tuple(betas), eps=eps,
-                            weight_decay=weight_decay, fused=fused)
+    groups = groups_by_role(roles)
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                            fused=torch_fused(groups, fused))
 
 
 @register("sgd")

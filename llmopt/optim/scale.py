@@ -151,8 +151,8 @@ class SCALE(torch.optim.Optimizer):
         step_sizes = [lr * math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"]) for s in states]
         exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        # one rounding, as the authors' lerp_: under bf16, mul_ then addcmul_ drifts further from the EMA
+        torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         denominators = torch._foreach_sqrt(exp_avg_sqs)

@@ -97,6 +97,6 @@ class SGDLL(torch.optim.Optimizer):
     @staticmethod
     def _row_factors(row_norm: torch.Tensor, delta: float, state: dict) -> torch.Tensor:
         """min(1, delta / ||m_v||) for every row (vocabulary token) v; the share clipped into the state."""
-        factor = (delta / row_norm).clamp_(max=1.0)  # inf (zero rows) -> 1
+        factor = (delta / row_norm.clamp(min=1e-8)).clamp_(max=1.0)  # as the authors: a zero row gets 1 (0 if delta=0)
         state["row_clip_fraction"] = (factor < 1).float().mean()
         return factor

@@ -14,19 +14,32 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_empty, run
+    from hydra.types import RunMode
+
+    from llmopt.data.sources import HubUnreachableError
+    from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_unstarted, run
     from llmopt.train.trainer import NonFiniteError
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # in a sweep (-m), a job that fails or diverges is reported and the sweep goes on to the next job
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         summary = run(cfg, run_dir)
-    except (ValueError, MemoryError) as err:
-        remove_if_empty(run_dir)
+    except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError) as err:
+        remove_if_unstarted(run_dir)
         print(f"llmopt: error: {err}", file=sys.stderr)
+        if sweeping:
+            return
         sys.exit(2)
     except NonFiniteError as err:
-        print(f"llmopt: stopped: {err}", file=sys.stderr)
+        print(f"\nllmopt: stopped: {err}", file=sys.stderr)
+        if sweeping:
+            return
         sys.exit(3)
+    except BaseException:
+        remove_if_unstarted(run_dir)  # a crash before the first step leaves nothing half-written
+        raise
     if summary.get("is_main", True):
         print("\n" + format_summary(summary))
     if summary.get("preempted"):

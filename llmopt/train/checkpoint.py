@@ -53,18 +53,19 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, accelerator, every: int = 0, keep: int = 2, sharded: bool = False):
+    def __init__(self, directory: str | Path, accelerator, every: int = 0, keep: int = 2, sharded: bool = False,
+                 identity: dict | None = None):
         if every < 0 or keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 (0 = only at the end and on preemption) and "
                              f"checkpoint.keep >= 1, got every={every}, keep={keep}")
         self.directory = Path(directory)
         self.accelerator = accelerator
         self.every, self.keep, self.sharded = every, keep, sharded
+        self.identity = identity  # the run's defining settings (run.run_identity): a resume must match them
 
     # -- writing -------------------------------------------------------------------------------------
-    def maybe_save(self, trainer) -> None:
-        if self.every and trainer.step % self.every == 0:
-            self.save(trainer)
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
 
     def save(self, trainer) -> Path:
         acc = self.accelerator
@@ -87,7 +88,7 @@ class Checkpointer:
         if main:
             torch.save({"step": trainer.step, "tokens_seen": tokens_seen, "skipped_steps": trainer.skipped_steps,
                         "scheduler": trainer.scheduler.state_dict(), "last_eval": trainer.last_eval,
-                        "world_size": acc.num_processes}, tmp / "trainer.pt")
+                        "world_size": acc.num_processes, "identity": self.identity}, tmp / "trainer.pt")
         acc.wait_for_everyone()
         if main:
             files = {p.name: {"size": p.stat().st_size, "crc32": crc32(p)} for p in sorted(tmp.iterdir())}
@@ -138,6 +139,22 @@ class Checkpointer:
                 return path
             log.warning("skipping checkpoint %s: %s", path, problem)
         return None
+
+    def check_identity(self, path: Path) -> None:
+        """Refuse a checkpoint written by a run with other defining settings (a sweep sharing one
+        checkpoint.dir, an edited config): resuming it would report the old run's numbers under the new
+        settings, or fail halfway."""
+        problem = self.verify(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} cannot be used: {problem}")
+        saved = torch.load(path / "trainer.pt", weights_only=False).get("identity")
+        if saved is None or self.identity is None:
+            return
+        changed = [f"{k}: {saved.get(k)!r} -> {self.identity.get(k)!r}" for k in sorted(set(saved) | set(self.identity))
+                   if saved.get(k) != self.identity.get(k)]
+        if changed:
+            raise ValueError(f"checkpoint {path} was written by a run with other settings ({'; '.join(changed)}). "
+                             "Resume with the same settings, or give this run its own checkpoint.dir")
 
     def load(self, trainer, path: Path) -> None:
         problem = self.verify(path)

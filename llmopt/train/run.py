@@ -6,6 +6,8 @@ Everything that can be checked is checked before the model is allocated or anyth
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ from llmopt.model import build_model, flops_per_token, llama_config, param_count
 from llmopt.model.attention import check_attention, use_attention
 from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss
-from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
+from llmopt.optim import EMANesterov, build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
 from llmopt.train.reproducible import deterministic_mode
@@ -41,7 +43,24 @@ TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpo
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
     values = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
               if k not in TRAINER_ONLY_KEYS}
+    check_known("trainer", values, [f.name for f in dataclasses.fields(TrainerConfig)] + list(TRAINER_ONLY_KEYS))
     return TrainerConfig(**values)
+
+
+def check_known(section: str, values: dict, known: list[str]) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; the known ones are {sorted(known)}")
+
+
+def check_lookahead_window(lookahead: dict, steps: int) -> None:
+    """A window that never opens in this run would make EMA-Nesterov a silent no-op (e.g. an experiment's
+    fixed window in a shortened run)."""
+    start, end = lookahead.get("start_step", 0), lookahead.get("end_step")
+    if start >= steps or (end is not None and end <= start):
+        raise ValueError(f"the lookahead window [lookahead.start_step={start}, lookahead.end_step={end}) is empty "
+                         f"in a run of trainer.steps={steps}: EMA-Nesterov would never look ahead. Set a window "
+                         f"inside [0, {steps}) (the default is 30%-80% of trainer.steps)")
 
 
 def inductor_options(options) -> dict:
@@ -71,6 +90,8 @@ def optimizer_kwargs(cfg: DictConfig) -> tuple[str, dict, dict | None]:
     name = hparams.pop("name")
     lookahead = OmegaConf.to_container(cfg.lookahead, resolve=True)
     lookahead = None if lookahead.pop("name") == "none" else lookahead
+    if lookahead is not None:
+        check_known("lookahead", lookahead, list(inspect.signature(EMANesterov).parameters)[1:])
     return name, hparams, lookahead
 
 
@@ -102,7 +123,8 @@ def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision
     """Refuse a model too large for the device before allocating it."""
     from llmopt.metrics.throughput import device_memory_bytes
 
-    need = estimate_train_bytes(counts, optimizer, "ema_nesterov" if lookahead else None, precision)
+    need = estimate_train_bytes(counts, optimizer, "ema_nesterov" if lookahead else None, precision,
+                                (lookahead or {}).get("momentum_dtype", "float32"))
     have = device_memory_bytes(device)
     if need is not None and have is not None and need > 0.95 * have:
         raise MemoryError(
@@ -149,10 +171,13 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     # -- validate ---------------------------------------------------------------------------------
     tcfg = trainer_config(cfg)
     opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
+    if lookahead is not None:
+        check_lookahead_window(lookahead, tcfg.steps)
     check_attention(str(cfg.trainer.get("attention", "sdpa")))  # before anything is built
     compile_options = inductor_options(cfg.trainer.get("compile_options"))
     accelerator = build_accelerator(tcfg.precision, cfg.trainer.device)
     tcfg.accumulation(accelerator.num_processes)
+    tcfg.eval_batch(accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
         raise ValueError(f"optimizer {opt_name!r} needs whole rows or tensors, which FSDP shards; run it "
                          "with DDP (accelerate config configs/accelerate/ddp.yaml)")
@@ -204,12 +229,16 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                                          **OmegaConf.to_container(cfg.schedule, resolve=True))
     prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
+    checkpointer = Checkpointer(checkpoint_dir, accelerator, every=cfg.checkpoint.every,
+                                keep=cfg.checkpoint.keep,
+                                sharded=accelerator.distributed_type == DistributedType.FSDP,
+                                identity=run_identity(cfg))
+    resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
+    if resume_from is not None:
+        checkpointer.check_identity(resume_from)  # before anything is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    checkpointer = Checkpointer(checkpoint_dir, accelerator, every=cfg.checkpoint.every,
-                                keep=cfg.checkpoint.keep,
-                                sharded=accelerator.distributed_type == DistributedType.FSDP)
     diagnostics = None
     if cfg.diagnostics.every:
         from llmopt.metrics.diagnostics import Diagnostics
@@ -223,7 +252,6 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                       flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
                       peak_flops=_peak(accelerator.device), extra_metrics=fixed, diagnostics=diagnostics,
                       checkpointer=checkpointer, stop_requested=stop_signal.requested)
-    resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
     if resume_from is not None:
         checkpointer.load(trainer, resume_from)
     # -- train --------------------------------------------------------------------------------------
@@ -231,6 +259,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     try:
         summary = trainer.fit()
         if cfg.checkpoint.final or trainer.preempted:
+            trainer.raise_if_nonfinite_since()
             checkpointer.save(trainer)
         if cfg.checkpoint.export_hf and not trainer.preempted and accelerator.is_main_process:
             export_hf(accelerator.unwrap_model(loss_model).lm, run_dir / "hf_model")
@@ -258,6 +287,29 @@ def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tup
     if not accelerator.is_main_process and str(run_dir) != chosen[0]:
         remove_if_empty(run_dir)
     return Path(chosen[0]), Path(chosen[1])
+
+
+# what a resumed run must share with the run that wrote the checkpoint (the rest: throughput, logging, I/O)
+IDENTITY_SECTIONS = ("seed", "model", "optimizer", "lookahead", "schedule")
+IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip"),
+                 "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train")}
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """The settings that define a run's trajectory, flat ("optimizer.lr": 0.001, ...)."""
+    tree = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in IDENTITY_SECTIONS}
+    for section, keys in IDENTITY_KEYS.items():
+        values = OmegaConf.to_container(cfg[section], resolve=True)
+        tree[section] = {k: values.get(k) for k in keys}
+
+    def flat(value, prefix):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flat(item, f"{prefix}.{key}" if prefix else key)
+        else:
+            yield prefix, value
+    return dict(flat(tree, ""))
 
 
 def _resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
@@ -326,6 +378,16 @@ def remove_if_empty(run_dir: Path) -> None:
     """Hydra creates the run directory before the job starts; a refused run leaves nothing behind."""
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
+
+
+def remove_if_unstarted(run_dir: Path) -> None:
+    """A run that failed before logging its first step (bad data files, a logger that cannot start, a refused
+    checkpoint) leaves nothing behind: no summary, no metrics, no checkpoint in its directory."""
+    metrics = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir() or (run_dir / "summary.json").exists() or any(run_dir.rglob("step_*")):
+        return
+    if not metrics.exists() or metrics.stat().st_size == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
         if not any(run_dir.parent.iterdir()):  # the date directory Hydra made for it
             run_dir.parent.rmdir()
 

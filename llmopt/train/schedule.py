@@ -7,8 +7,10 @@ The factor of update s (0-based, s = 0..steps-1):
 Warmup reaches the peak on its last update and the first update is not at lr 0.
 
 reference_quirks=True reproduces the GaLore-protocol code exactly: factor(s) = s / warmup during
-warmup (the first update runs at lr 0) and the loop makes steps + 1 updates, the last at min_lr_ratio.
-Without the quirks, factor_ours(s) = factor_reference(s + 1) and there are `steps` updates.
+warmup (the first update runs at lr 0) and the loop makes steps + 1 updates. Its cosine is cyclical with
+the run as one cycle, so the extra update N starts a second cycle: 1e-7 (a restarted warmup's first steps),
+or 1 without warmup. Without the quirks, factor_ours(s) = factor_reference(s + 1) and there are `steps`
+updates.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class Schedule:
     def factor(self, update: int) -> float:
         # the reference's step counter for this update
         s = update if self.reference_quirks else update + 1
+        if self.reference_quirks and self.name == "cosine" and s >= self.steps:
+            s -= self.steps  # the reference's next cycle (cycle length = steps): its restarted warmup starts at 1e-7
+            if s < min(2, self.warmup):
+                return 1e-7
         if s < self.warmup:
             return s / self.warmup
         if self.name == "constant":

@@ -49,7 +49,8 @@ class TrainerConfig:
     precision: str = "fp32"
     grad_clip: float = 0.0           # 0: off
     eval_every: int = 100
-    eval_batch_size: int | None = None
+    eval_batch_size: int | None = None          # sequences per evaluation batch on one rank (None: micro)
+    eval_global_batch_size: int | None = None   # ... over all ranks instead, split evenly (paper_loss's divisor)
     log_every: int = 10
     nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
 
@@ -64,6 +65,8 @@ class TrainerConfig:
             raise ValueError("micro_batch_size and global_batch_size must be > 0")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -72,6 +75,19 @@ class TrainerConfig:
                              f"micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
                              "change one of them")
         return self.global_batch_size // per_step
+
+    def eval_batch(self, world_size: int) -> int:
+        """Sequences per evaluation batch on one rank. The paper-compatible loss divides by (batches + 1) per
+        rank, so it depends on this: eval_global_batch_size keeps it the same on any number of GPUs."""
+        if self.eval_global_batch_size is None:
+            return self.eval_batch_size or self.micro_batch_size
+        if self.eval_batch_size is not None:
+            raise ValueError("set one of trainer.eval_batch_size (per rank) and trainer.eval_global_batch_size "
+                             "(all ranks), not both")
+        if self.eval_global_batch_size <= 0 or self.eval_global_batch_size % world_size:
+            raise ValueError(f"eval_global_batch_size={self.eval_global_batch_size} must be a positive multiple of "
+                             f"the number of processes ({world_size}); change it or the process count")
+        return self.eval_global_batch_size // world_size
 
 
 class NonFiniteError(RuntimeError):
@@ -101,6 +117,9 @@ class Trainer:
         self._tokens_seen = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         self.train_iter = iter(data.train)
         self._data_wait_s = 0.0    # host time spent waiting for batches since the last log record
+        # the first step whose loss was not finite (-1: none), kept on the device: read at log steps and before
+        # checkpoints, so a NaN between them is caught before a checkpoint could hold it
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=accelerator.device)
 
     @property
     def tokens_seen(self) -> int:
@@ -143,8 +162,13 @@ class Trainer:
         grad_norm = None
         if self.config.grad_clip > 0 or logging_now:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        if logging_now and self.config.nonfinite == "stop":
+            self.raise_if_nonfinite_since()
         if (logging_now or self.config.nonfinite == "skip") and not self._finite(loss, grad_norm):
             return {"skipped": True}
+        self._first_nonfinite = torch.where((self._first_nonfinite < 0) & ~torch.isfinite(loss),
+                                            self.step + 1, self._first_nonfinite)
+        lr = self.scheduler.get_last_lr()[0]  # this update's (the scheduler then moves to the next one's)
         if self.diagnostics is not None:
             self.diagnostics.before_step(self.step)
         self.optimizer.step()
@@ -154,7 +178,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._tokens_seen += totals[1]
-        return {"skipped": False, "loss": loss, "grad_norm": grad_norm}
+        return {"skipped": False, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def raise_if_nonfinite_since(self) -> None:
+        """Stop if a step since the last check had a non-finite loss (its update was applied: the
+        parameters are no longer finite, and no checkpoint has been written since)."""
+        first = int(self._first_nonfinite.item())
+        if first >= 0:
+            raise NonFiniteError(f"non-finite loss at step {first}, found at step {self.step + 1} (the loss is "
+                                 "checked at log steps and before checkpoints): no checkpoint was written after "
+                                 f"step {first - 1}. Lower the learning rate, set trainer.grad_clip, or set "
+                                 "trainer.nonfinite=skip to skip such steps (checked every step).")
 
     def _finite(self, loss: torch.Tensor, grad_norm) -> bool:
         bad = not torch.isfinite(loss).item() or (grad_norm is not None and not torch.isfinite(grad_norm).item())
@@ -195,7 +229,7 @@ class Trainer:
         acc = self.accelerator
         sums = torch.zeros(3, device=acc.device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
         batches = 0
-        batch_size = self.config.eval_batch_size or self.config.micro_batch_size
+        batch_size = self.config.eval_batch(acc.num_processes)
         for batch in self.data.eval_batches(batch_size, name):
             batch = to_device(batch, acc.device)
             with acc.autocast():
@@ -208,7 +242,8 @@ class Trainer:
         loss = totals[0] / max(totals[1], 1.0)
         paper_loss = totals[2] / acc.num_processes
         return {f"{prefix}loss": loss, f"{prefix}ppl": math.exp(min(loss, 50.0)), f"{prefix}tokens": int(totals[1]),
-                f"{prefix}paper_loss": paper_loss, f"{prefix}paper_ppl": math.exp(min(paper_loss, 50.0))}
+                f"{prefix}paper_loss": paper_loss, f"{prefix}paper_ppl": math.exp(min(paper_loss, 50.0)),
+                f"{prefix}paper_batches": batches}  # this rank's; its paper figure divides by batches + 1
 
     # -- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -228,7 +263,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t_last
                 steps = self.step - step_last
                 slots_per_s = slots_per_step * steps / max(elapsed, 1e-9)
-                metrics = {"train/loss": out["loss"].item(), "train/lr": self.scheduler.get_last_lr()[0],
+                metrics = {"train/loss": out["loss"].item(), "train/lr": out["lr"],
                            "train/grad_norm": out["grad_norm"].item(), "train/tokens": self.tokens_seen,
                            "perf/token_slots_per_s": slots_per_s, "perf/step_time_s": elapsed / steps,
                            "perf/data_wait_frac": self._data_wait_s / max(elapsed, 1e-9),
@@ -250,13 +285,17 @@ class Trainer:
                 t_last, step_last = time.perf_counter(), self.step
             if self.diagnostics is not None and self.diagnostics.due(self.step):
                 metrics.update(self.diagnostics.collect())
+            paused = time.perf_counter()  # evaluation, logging, checkpoints: outside the next record's step time
             if self._due(cfg.eval_every, self.step):
                 self.last_eval = self.evaluate()
                 metrics.update(self.last_eval)
             if metrics:
                 self.loggers.log(metrics, step=self.step)
-            if self.checkpointer is not None and self.step < self.schedule.num_updates:
-                self.checkpointer.maybe_save(self)
+            if self.checkpointer is not None and self.step < self.schedule.num_updates and \
+                    self.checkpointer.due(self.step):
+                self.raise_if_nonfinite_since()
+                self.checkpointer.save(self)
+            t_last += time.perf_counter() - paused
             if progress is not None:
                 progress.update(self.step - progress.n)
         if progress is not None:
