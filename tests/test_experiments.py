@@ -310,3 +310,14 @@ def test_default_lookahead_window_is_the_papers_share_of_the_run(hydra_configs):
         assert [look["start_step"], look["end_step"]] == window and look["momentum_dtype"] == "float32"
     cfg = compose("train", overrides=["lookahead=ema_nesterov", "lookahead.start_step=5", "lookahead.end_step=null"])
     assert resolved(cfg, "lookahead.start_step") == 5 and resolved(cfg, "lookahead.end_step") is None
+
+
+def test_every_experiment_passes_the_trainers_key_checks(hydra_configs):
+    """The trainer refuses unknown keys (a `+key` typo): no experiment file may hold one."""
+    from llmopt.train.run import check_config_keys, optimizer_kwargs, trainer_config
+
+    for name in EXPERIMENTS:
+        cfg = compose("train", overrides=[f"experiment={name}"])
+        check_config_keys(cfg)
+        trainer_config(cfg)
+        optimizer_kwargs(cfg)

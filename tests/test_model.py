@@ -38,6 +38,20 @@ def test_build_model_is_seeded_and_untied():
     assert abs(a.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.004
 
 
+@pytest.mark.parametrize("padding_idx, frozen_row", [(0, 0), (-1, 127)])
+def test_padding_row_is_zero_and_never_trains(padding_idx, frozen_row):
+    """transformers zeroes the embedding's padding row and gives it no gradient: t5's pad (0) by default, the last
+    row (vocab - 1) with the reference configs' pad_token_id -1, even where that token is in the batch."""
+    model = build_model(llama_config("micro", padding_idx=padding_idx), seed=0)
+    weight = model.model.embed_tokens.weight
+    assert torch.count_nonzero(weight[frozen_row]) == 0 and torch.count_nonzero(weight[1]) > 0
+    tokens = torch.tensor([[5, 127, 0, 9, 127, 3, 0, 2]])
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert torch.count_nonzero(weight.grad[frozen_row]) == 0
+    other = 127 if frozen_row == 0 else 0  # the other special row is an ordinary, trained one
+    assert torch.count_nonzero(weight.grad[other]) > 0
+
+
 def test_flops_per_token_follows_the_protocol_formula():
     c = llama_config("60m")
     n = param_counts(c)

@@ -77,6 +77,36 @@ def test_metrics_keys(tmp_path):
     assert "perf/mfu" not in first  # no known accelerator peak on a CPU
 
 
+def test_micro_batch_mean_weighting_is_the_reference_loops_update(tmp_path):
+    """trainer.loss_weighting=micro_batch_mean: the gradient of the mean of the micro-batches' HF mean losses (the
+    reference loop's loss / accumulation steps), checked by hand with plain SGD at lr 1; the default weighting
+    (every token alike) gives another update on truncate+pad batches."""
+    from omegaconf import OmegaConf
+
+    from llmopt.data import build_data
+
+    base = [*C4_SMALL, "trainer.steps=1", "schedule=constant", "optimizer=sgd", "optimizer.lr=1.0",
+            "optimizer.momentum=0.0", "trainer.micro_batch_size=2", "checkpoint.export_hf=true"]
+    run_in_process(tmp_path, [*base, "trainer.loss_weighting=micro_batch_mean"], name="mean")
+    run_in_process(tmp_path, base, name="tokens")
+    from transformers import LlamaForCausalLM
+    got = {n: LlamaForCausalLM.from_pretrained(tmp_path / n / "hf_model").state_dict() for n in ("mean", "tokens")}
+
+    cfg = compose_config(base)
+    model = build_model(llama_config("micro", vocab_size=32000, max_seq_len=2048), seed=cfg.seed)
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=2, seed=cfg.seed)
+    stream = iter(data.train)
+    micro = [next(stream) for _ in range(4)]
+    data.close()
+    assert len({int((b["labels"][:, 1:] != -100).sum()) for b in micro}) > 1  # the weightings differ here
+    loss = sum(model(input_ids=b["input_ids"], labels=b["labels"]).loss for b in micro) / len(micro)
+    loss.backward()
+    for name, p in model.named_parameters():
+        expected = (p - p.grad).detach()
+        torch.testing.assert_close(got["mean"][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+    assert not torch.allclose(got["tokens"]["lm_head.weight"], got["mean"]["lm_head.weight"], rtol=1e-5, atol=1e-7)
+
+
 def test_perf_records_exclude_evaluation_and_count_non_pad_tokens(tmp_path, monkeypatch):
     """A clock that jumps 1000 s in every evaluation: the step times logged after one do not hold it. MFU is
     token slots/s x FLOPs per token / peak (a peak given on the CPU). train/tokens is the non-pad input tokens of
@@ -363,6 +393,8 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
     (["trainer.grad_clip=-1"], r"trainer.grad_clip must be >= 0"),
     (["trainer.eval_batch_size=4", "trainer.eval_global_batch_size=8"], "set one of trainer.eval_batch_size"),
     (["+trainer.stepz=5"], r"unknown trainer keys \['stepz'\]"),
+    (["+sead=3"], r"unknown top-level keys \['sead'\]"),
+    (["+checkpoint.evry=3"], r"unknown checkpoint keys \['evry'\]"),
     (["lookahead=ema_nesterov", "+lookahead.window=5"], r"unknown lookahead keys \['window'\]"),
     (["lookahead=ema_nesterov", "lookahead.start_step=400", "lookahead.end_step=null"],
      r"lookahead window .* is empty in a run of trainer.steps=300"),

@@ -34,8 +34,11 @@ FLAVORS: dict[str, Flavor] = {
 }
 
 
-def llama_config(flavor: str, vocab_size: int | None = None, max_seq_len: int = 2048) -> LlamaConfig:
-    """The LlamaConfig of a named flavor; `vocab_size` overrides the flavor's vocabulary."""
+def llama_config(flavor: str, vocab_size: int | None = None, max_seq_len: int = 2048,
+                 padding_idx: int = 0) -> LlamaConfig:
+    """The LlamaConfig of a named flavor; `vocab_size` overrides the flavor's vocabulary. `padding_idx`: the
+    embedding row transformers zeroes and never trains; 0 is t5's pad, -1 the reference configs' (their
+    `pad_token_id: -1` makes it the last row, 31999, a real t5 piece)."""
     if flavor not in FLAVORS:
         raise ValueError(f"unknown model flavor {flavor!r}; choose one of {sorted(FLAVORS)}")
     f = FLAVORS[flavor]
@@ -54,7 +57,7 @@ def llama_config(flavor: str, vocab_size: int | None = None, max_seq_len: int = 
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
-        pad_token_id=0,
+        pad_token_id=padding_idx,
         bos_token_id=None,
         eos_token_id=1,
         use_cache=False,

@@ -47,6 +47,19 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
     return TrainerConfig(**values)
 
 
+# the sections and keys of configs/train.yaml read here; a `+key` outside them would be silently ignored
+TOP_LEVEL_KEYS = ("seed", "run_name", "output_root", "checkpoint", "diagnostics", "model", "data", "optimizer",
+                  "lookahead", "schedule", "trainer", "logger")
+CHECKPOINT_KEYS = ("dir", "every", "keep", "final", "resume", "export_hf")
+DIAGNOSTICS_KEYS = ("every", "init_device")
+
+
+def check_config_keys(cfg: DictConfig) -> None:
+    check_known("top-level", {k: None for k in cfg if k != "hydra"}, list(TOP_LEVEL_KEYS))
+    check_known("checkpoint", dict.fromkeys(cfg.checkpoint), list(CHECKPOINT_KEYS))
+    check_known("diagnostics", dict.fromkeys(cfg.diagnostics), list(DIAGNOSTICS_KEYS))
+
+
 def check_known(section: str, values: dict, known: list[str]) -> None:
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -169,6 +182,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     from llmopt.metrics.loggers import build_loggers
 
     # -- validate ---------------------------------------------------------------------------------
+    check_config_keys(cfg)
     tcfg = trainer_config(cfg)
     opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
     if lookahead is not None:
@@ -182,7 +196,8 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         raise ValueError(f"optimizer {opt_name!r} needs whole rows or tensors, which FSDP shards; run it "
                          "with DDP (accelerate config configs/accelerate/ddp.yaml)")
     model_config = llama_config(cfg.model.flavor, vocab_size=cfg.model.vocab_size,
-                                max_seq_len=max(2048, int(cfg.data.seq_len)))
+                                max_seq_len=max(2048, int(cfg.data.seq_len)),
+                                padding_idx=int(cfg.model.get("padding_idx", 0)))
     counts = param_counts(model_config)
     check_memory(counts, opt_name, lookahead, tcfg.precision, accelerator.device)
     data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=tcfg.micro_batch_size,
@@ -219,7 +234,8 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     if models is None:
         model, loss_model = build()
     else:
-        key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings, cfg.seed,
+        key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings,
+               model_config.pad_token_id, cfg.seed,
                tcfg.precision, bool(cfg.trainer.compile), tuple(sorted(compile_options.items())),
                checkpoint_activations, loss_head, rotary_table, attention, str(accelerator.device),
                accelerator.num_processes, deterministic)
@@ -291,7 +307,7 @@ def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tup
 
 # what a resumed run must share with the run that wrote the checkpoint (the rest: throughput, logging, I/O)
 IDENTITY_SECTIONS = ("seed", "model", "optimizer", "lookahead", "schedule")
-IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip"),
+IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip", "loss_weighting"),
                  "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train")}
 
 

@@ -3,6 +3,8 @@
 Loss normalization: the loss of a step is the sum of token losses over every micro-batch of every
 rank divided by the global number of target tokens, so accumulation and DDP give the same update as
 one big batch. Each rank backpropagates sum_r * world_size / N_global (DDP averages over ranks).
+trainer.loss_weighting=micro_batch_mean instead backpropagates each micro-batch's mean loss / accumulation
+steps, as the reference loop does (then the micro-batch size changes the maths).
 
 Host syncs happen only at log, eval and checkpoint steps: losses, token counts and gradient norms
 stay on the device in between.
@@ -41,6 +43,11 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# how the micro-batches' losses make the step's loss: every target token of the global batch the same weight, or
+# the reference loop's mean of per-micro-batch means (there a micro-batch with fewer non-pad tokens weighs more)
+LOSS_WEIGHTINGS = ("tokens", "micro_batch_mean")
+
+
 @dataclass
 class TrainerConfig:
     steps: int = 200                 # schedule length (the reference-quirks schedule makes steps + 1 updates)
@@ -53,6 +60,7 @@ class TrainerConfig:
     eval_global_batch_size: int | None = None   # ... over all ranks instead, split evenly (paper_loss's divisor)
     log_every: int = 10
     nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
+    loss_weighting: str = "tokens"   # tokens | micro_batch_mean (the reference loop's averaging)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -65,6 +73,9 @@ class TrainerConfig:
             raise ValueError("micro_batch_size and global_batch_size must be > 0")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"trainer.loss_weighting must be one of {list(LOSS_WEIGHTINGS)}, got "
+                             f"{self.loss_weighting!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
@@ -141,11 +152,14 @@ class Trainer:
         host_batches = [next(self.train_iter) for _ in range(self.accumulation)]
         self._data_wait_s += time.perf_counter() - waited
         batches = [to_device(b, device) for b in host_batches]
-        counts = torch.stack([torch.stack([(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()])
-                              for b in batches]).sum(0)
-        totals = acc.reduce(counts.double(), reduction="sum")   # [target tokens, input tokens], all ranks
+        per_micro = torch.stack([torch.stack([(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()])
+                                 for b in batches]).double()    # [micro-batch, (target tokens, input tokens)]
+        totals = acc.reduce(per_micro.sum(0), reduction="sum")  # [target tokens, input tokens], all ranks
         target_tokens = totals[0].clamp_min(1)
-        scale = acc.num_processes / target_tokens
+        if self.config.loss_weighting == "tokens":  # every target token of the global batch weighs the same
+            weights = (acc.num_processes / target_tokens).expand(len(batches))
+        else:  # the reference loop: each micro-batch's mean loss / accumulation steps (DDP averages the ranks)
+            weights = 1.0 / (per_micro[:, 0].clamp_min(1) * len(batches))
 
         if hasattr(self.raw_optimizer, "pre_forward"):   # EMA-Nesterov: once per step, not per micro-batch
             self.raw_optimizer.pre_forward()
@@ -155,7 +169,7 @@ class Trainer:
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model), acc.autocast():
                 micro_loss, _ = self.model(batch["input_ids"], batch["labels"])
-                acc.backward(micro_loss * scale.to(micro_loss.dtype))
+                acc.backward(micro_loss * weights[i].to(micro_loss.dtype))
             loss_sum += micro_loss.detach().double()
         loss = acc.reduce(loss_sum, reduction="sum") / target_tokens
 
