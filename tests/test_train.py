@@ -385,7 +385,7 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
         assert "Available options" in out.stderr and "scale" in out.stderr
     else:
         assert "Traceback" not in out.stderr
-    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    leftovers = list(tmp_path.rglob("*"))  # not even the date directory Hydra made for the run
     assert leftovers == [], leftovers
 
 
@@ -450,3 +450,17 @@ def test_eval_global_batch_is_split_over_the_ranks():
     assert [TrainerConfig(eval_global_batch_size=512).eval_batch(w) for w in (1, 2, 8)] == [512, 256, 64]
     with pytest.raises(ValueError, match="positive multiple of the number of processes"):
         TrainerConfig(eval_global_batch_size=512).eval_batch(3)
+
+
+def test_removing_a_run_directory_takes_its_empty_date_directory(tmp_path):
+    """remove_if_empty (another rank's unused directory) and remove_if_unstarted (a run that failed before its first
+    step) leave no empty date directory behind, and keep one that holds other runs."""
+    from llmopt.train.run import remove_if_empty, remove_if_unstarted
+
+    (tmp_path / "day1" / "run").mkdir(parents=True)
+    remove_if_empty(tmp_path / "day1" / "run")
+    (tmp_path / "day2" / "run").mkdir(parents=True)
+    (tmp_path / "day2" / "run" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "day2" / "other").mkdir()
+    remove_if_unstarted(tmp_path / "day2" / "run")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["day2", "other"]

@@ -393,7 +393,7 @@ def _peak(device):
 def remove_if_empty(run_dir: Path) -> None:
     """Hydra creates the run directory before the job starts; a refused run leaves nothing behind."""
     if run_dir.is_dir() and not any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
+        _remove_run_dir(run_dir)
 
 
 def remove_if_unstarted(run_dir: Path) -> None:
@@ -403,9 +403,13 @@ def remove_if_unstarted(run_dir: Path) -> None:
     if not run_dir.is_dir() or (run_dir / "summary.json").exists() or any(run_dir.rglob("step_*")):
         return
     if not metrics.exists() or metrics.stat().st_size == 0:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if not any(run_dir.parent.iterdir()):  # the date directory Hydra made for it
-            run_dir.parent.rmdir()
+        _remove_run_dir(run_dir)
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if not any(run_dir.parent.iterdir()):  # the date directory Hydra made for it
+        run_dir.parent.rmdir()
 
 
 def format_summary(summary: dict) -> str:
