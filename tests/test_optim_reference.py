@@ -546,11 +546,11 @@ def zero_some_gradients(model, step):
             p.grad[:, :2].zero_()
 
 
-ZERO_CASES = {
-    "scale_column_output": lambda m: (SCALE, dict(scale_hparams("column", "output", 0.0))),
-    "scale_column_all_wd": lambda m: (SCALE, dict(scale_hparams("column", "all", 0.1))),
-    "sgd_ll": lambda m: (SGDLL, dict(lr=100.0, momentum=0.9, tau=5e-4, delta=1e-3)),
-    "sgd_ll_delta_0": lambda m: (SGDLL, dict(lr=100.0, momentum=0.9, tau=5e-4, delta=0.0)),
+ZERO_CASES = {  # name: optimizer class, hyper-parameters
+    "scale_column_output": (SCALE, scale_hparams("column", "output", 0.0)),
+    "scale_column_all_wd": (SCALE, scale_hparams("column", "all", 0.1)),
+    "sgd_ll": (SGDLL, dict(lr=100.0, momentum=0.9, tau=5e-4, delta=1e-3)),
+    "sgd_ll_delta_0": (SGDLL, dict(lr=100.0, momentum=0.9, tau=5e-4, delta=0.0)),
 }
 
 
@@ -561,7 +561,7 @@ def test_zero_rows_and_zero_gradients_match_reference(case):
     model = make_model()
     ref = copy.deepcopy(model)
     refp = dict(ref.named_parameters())
-    cls, hp = ZERO_CASES[case](model)
+    cls, hp = ZERO_CASES[case]
     opt = cls(role_groups(model), **hp)
     refopt = (RefSCALE if cls is SCALE else RefSGDLL)(role_of_names(model), **hp)
     peaks = [g["lr"] for g in opt.param_groups]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -55,13 +56,14 @@ DIAGNOSTICS_KEYS = ("every", "init_device")
 
 
 def check_config_keys(cfg: DictConfig) -> None:
-    check_known("top-level", {k: None for k in cfg if k != "hydra"}, list(TOP_LEVEL_KEYS))
-    check_known("checkpoint", dict.fromkeys(cfg.checkpoint), list(CHECKPOINT_KEYS))
-    check_known("diagnostics", dict.fromkeys(cfg.diagnostics), list(DIAGNOSTICS_KEYS))
+    check_known("top-level", [k for k in cfg if k != "hydra"], TOP_LEVEL_KEYS)
+    check_known("checkpoint", cfg.checkpoint, CHECKPOINT_KEYS)
+    check_known("diagnostics", cfg.diagnostics, DIAGNOSTICS_KEYS)
 
 
-def check_known(section: str, values: dict, known: list[str]) -> None:
-    unknown = sorted(set(values) - set(known))
+def check_known(section: str, names: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse names (a config section's keys, a dict's) outside `known`, listing the known ones."""
+    unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"unknown {section} keys {unknown}; the known ones are {sorted(known)}")
 
