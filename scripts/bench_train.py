@@ -13,8 +13,10 @@ deterministic = trainer.deterministic (GPU runs that repeat bit for bit), eval10
 time the evaluation of 10M held-out tokens), mb=N (the micro-batch), accum=N (micro-batches per optimizer step,
 default 2; the papers' 512 sequences are e.g. 2 x 256 at 60M/130M, 4 x 128 at 350M, 8 x 64 at 1B) and Hydra
 overrides (group.key=value, e.g. optimizer.lr=1e-4). A run that fails (e.g. refused by the trainer's memory check)
-is recorded with its error and the seconds it took to fail. A case's "x eager" is against the reference of its
-flavor at its micro-batch (`--reference 350m:mb=256` for another micro-batch than the default).
+is recorded with its error and the seconds it took to fail. Two ratios: "x eager" is against the reference of
+the case's flavor at the case's micro-batch (`--reference 350m:mb=256` for another micro-batch than the default);
+"x papers'" against the reference at the papers' micro-batch (MICRO), the baseline of the issue's goal, so that
+a right-sized micro-batch counts as the lever it is.
 
 Usage: python scripts/bench_train.py --data-dir DIR [--cases 60m:adamw:bf16_pure ...] [--steps 30] [--workers 8]
        [--out F]
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# micro-batches sized for the H100 (scripts/profile_step.py: tokens/s still rising at these sizes; 1B: 64, RESULTS.md)
+# the papers' micro-batches (the reference scripts' --batch_size), the trainer cases' default and the eager loop's
 MICRO = {"60m": 256, "130m": 256, "350m": 128, "1b": 64, "7b": 4}
 DEFAULT_CASES = ["60m:adamw:bf16_pure", "60m:scale:bf16_pure", "60m:adamw:amp_bf16", "60m:adamw:bf16_pure:packed",
                  "130m:adamw:bf16_pure", "130m:scale:bf16_pure", "350m:scale:bf16_pure", "1b:adamw:bf16_pure",
@@ -165,6 +167,22 @@ def reference_loop(reference: str, steps: int) -> dict:
     return row
 
 
+def ratios_to_reference(rows: list[dict]) -> list[tuple[float | None, float | None]]:
+    """Each trainer row's tokens/s over the eager reference of its flavor (a) at the row's micro-batch and (b) at
+    the papers' micro-batch (MICRO); None where that reference was not run, failed, or the row is one."""
+    ref = {(r["case"].split(":")[0], r["micro_batch"]): r["tok_s"] for r in rows
+           if r["case"].endswith("reference_eager") and "error" not in r}
+    ratios = []
+    for r in rows:
+        flavor = r["case"].split(":")[0]
+        if "error" in r or not r.get("tok_s") or r["case"].endswith("reference_eager"):
+            ratios.append((None, None))
+            continue
+        bases = ref.get((flavor, r.get("micro_batch"))), ref.get((flavor, MICRO.get(flavor)))
+        ratios.append(tuple(r["tok_s"] / base if base else None for base in bases))
+    return ratios
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
@@ -192,22 +210,18 @@ def main(argv=None) -> int:
         record(reference_loop(reference, steps=15))
     for case in args.cases:
         record(trainer_case(case, args.data_dir, args.steps, not args.no_compile, args.workers))
-    # a case is compared with the reference of its flavor at its micro-batch
-    ref = {(r["case"].split(":")[0], r["micro_batch"]): r["tok_s"] for r in rows
-           if r["case"].endswith("reference_eager") and "error" not in r}
-    print(f"{'case':32} {'tok/s':>10} {'x eager':>8} {'MFU':>6} {'data wait':>9} {'peak GB':>8}")
-    for r in rows:
+    print(f"{'case':32} {'tok/s':>10} {'x eager':>8} {'x papers':>8} {'MFU':>6} {'data wait':>9} {'peak GB':>8}")
+    for r, (same_micro, papers_micro) in zip(rows, ratios_to_reference(rows)):
         if "error" in r:
             print(f"{r['case']:32} ERROR after {r['wall_s']:.1f} s: {r['error'][:150]}")
             continue
-        base = ref.get((r["case"].split(":")[0], r.get("micro_batch")))
-        ratio = f"{r['tok_s'] / base:.2f}" if base and r["tok_s"] and "reference" not in r["case"] else "-"
+        ratio, papers = (f"{x:.2f}" if x else "-" for x in (same_micro, papers_micro))
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
         wait = f"{100 * r['data_wait']:.1f}%" if r.get("data_wait") is not None else "-"
         tok_s = f"{r['tok_s']:10,.0f}" if r["tok_s"] else f"{'-':>10}"
         peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
         evaluation = eval_summary(r)
-        print(f"{r['case']:32} {tok_s} {ratio:>8} {mfu:>6} {wait:>9} {peak:>8}{evaluation}")
+        print(f"{r['case']:32} {tok_s} {ratio:>8} {papers:>8} {mfu:>6} {wait:>9} {peak:>8}{evaluation}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "date": time.strftime("%Y-%m-%d")}))
     return 0

@@ -40,6 +40,23 @@ def test_bench_train_case_flags_become_overrides():
         bench_train.case_overrides("60m:adamw:bf16_pure:fast", "/d", 10, True)
 
 
+def test_bench_train_ratios_against_the_reference_at_the_same_and_at_the_papers_micro_batch():
+    rows = [{"case": "350m:reference_eager", "micro_batch": 128, "tok_s": 100.0},
+            {"case": "350m:reference_eager", "micro_batch": 256, "tok_s": 110.0},
+            {"case": "350m:adamw:bf16_pure:accum=4", "micro_batch": 128, "tok_s": 200.0},
+            {"case": "350m:adamw:bf16_pure:mb=256:accum=2", "micro_batch": 256, "tok_s": 220.0},
+            {"case": "350m:adamw:bf16_pure:mb=64:accum=8", "micro_batch": 64, "tok_s": 150.0},
+            {"case": "60m:adamw:bf16_pure", "micro_batch": 256, "tok_s": 900.0},
+            {"case": "1b:adamw:bf16_pure", "error": "OutOfMemoryError", "wall_s": 1.0}]
+    assert bench_train.ratios_to_reference(rows) == [
+        (None, None), (None, None),  # the references themselves
+        (2.0, 2.0),                  # at the papers' micro-batch both ratios are one
+        (2.0, 2.2),                  # 256 against the loop at 256, and against the papers' loop at 128
+        (None, 1.5),                 # no reference at 64
+        (None, None),                # no 60M reference run
+        (None, None)]                # a failed case
+
+
 def test_bench_train_says_when_the_eval_time_holds_compilation():
     row = {"eval_tokens": 149240, "eval_s": 35.9, "compile": True, "eval_passes": 1}
     assert bench_train.eval_summary(row) == "  eval 149,240 tokens in 35.9 s (the only pass: with compilation)"

@@ -54,9 +54,10 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, name, mode):
     ref, got = _hf_state(full_dir), _hf_state(resumed_dir)
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
-    ref_losses = {m["step"]: m["train/loss"] for m in metrics(full_dir) if m["step"] > 3 and "train/loss" in m}
+    # steps 1-3: the records of the run that wrote the checkpoint; 4-6 trained by the resumed run
+    ref_losses = {m["step"]: m["train/loss"] for m in metrics(full_dir) if "train/loss" in m}
     got_losses = {m["step"]: m["train/loss"] for m in metrics(resumed_dir) if "train/loss" in m}
-    assert got_losses == ref_losses and sorted(got_losses) == [4, 5, 6]
+    assert got_losses == ref_losses and sorted(got_losses) == [1, 2, 3, 4, 5, 6]
     for key in ("eval/loss", "eval/paper_loss", "tokens_seen", "step"):
         assert resumed[key] == full[key], key
 
@@ -151,7 +152,54 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert "optimizer.lr: 0.001 -> 0.01" in other.stderr and "its own checkpoint.dir" in other.stderr
     assert not (tmp_path / "b").exists() or not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
     same, run_dir = run_in_process(tmp_path, [*base, "trainer.log_every=1"], name="c")
-    assert same["step"] == 4 and metrics(run_dir) == []  # resumed at its end: nothing left to train
+    # resumed at its end: nothing left to train; its records are the first run's
+    assert same["step"] == 4 and metrics(run_dir) == metrics(tmp_path / "a")
+
+
+def test_metrics_history_keeps_the_steps_up_to_the_checkpoint(tmp_path, caplog):
+    from llmopt.metrics.loggers import metrics_history
+
+    lines = [json.dumps({"step": s, "train/loss": 10.0 - s}) for s in (1, 2, 3)] + ['{"step": 4, "train/lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # the last line cut short by a killed process
+    lineage = {"run_dir": str(tmp_path)}
+    assert metrics_history(lineage, 2) == [{"step": 1, "train/loss": 9.0}, {"step": 2, "train/loss": 8.0}]
+    assert [r["step"] for r in metrics_history(lineage, 10)] == [1, 2, 3]
+    assert metrics_history({"run_dir": str(tmp_path / "gone")}, 2) == []
+    assert "steps 1-2 are not in this run's metrics.jsonl" in caplog.text
+
+
+def trained(records: list[dict]) -> list[dict]:
+    """The records' numbers of the training itself (not timings, nor the facts a process logs with its first)."""
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith(("train/", "eval/"))} for r in records]
+
+
+def test_resumed_run_continues_its_records_in_metrics_jsonl_and_in_wandb(tmp_path, monkeypatch):
+    """A run that crashed after its last checkpoint, resumed twice: in its own directory (a SLURM requeue) and in
+    a new one. Each time metrics.jsonl holds every step once (the steps trained again replace the lost ones), and
+    W&B continues the same run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    base = [*C4_SMALL, "trainer.steps=6", "trainer.eval_every=2", "checkpoint.every=4", "checkpoint.final=false",
+            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=auto", "logger=wandb"]
+    first, first_dir = run_in_process(tmp_path, base, name="a")  # checkpoint at 4, then steps 5-6: the "crash"
+    crashed = metrics(first_dir)
+    step4 = tmp_path / "ckpt" / "step_00000004"
+    lineage = Checkpointer.saved_meta(step4)["lineage"]
+    assert lineage["run_dir"] == str(first_dir.resolve()) and lineage["wandb_id"]
+    assert first["resumed_from"] is None
+
+    requeued, _ = run_in_process(tmp_path, base, name="a")  # the same directory
+    moved, moved_dir = run_in_process(tmp_path, base, name="b")  # a new one
+    for summary, records in ((requeued, metrics(first_dir)), (moved, metrics(moved_dir))):
+        assert summary["resumed_from"] == str(step4) and summary["step"] == 6
+        for key in ("train/loss", "eval/loss"):
+            steps = [r["step"] for r in records if key in r]
+            assert steps == sorted(set(steps)) and steps[-1] == 6, (key, steps)
+        # steps 1-4 are the first run's records, 5-6 trained again to the same numbers (exact resume)
+        assert [r for r in records if r["step"] <= 4] == [r for r in crashed if r["step"] <= 4]
+        assert trained(records) == trained(crashed)
+    offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 3 and {p.name.rsplit("-", 1)[1] for p in offline_runs} == {lineage["wandb_id"]}
 
 
 def test_nonfinite_skip_counts_and_leaves_parameters_alone(tmp_path):

@@ -170,10 +170,11 @@ def record_launches(monkeypatch, name: str, what) -> list:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weight", [0.1, 0.7])  # both branches of torch.lerp's formula
-def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
-    # small blocks: the largest tensor spans more than 1024 blocks, so the segment sum loops
-    monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", 16)
+# both branches of torch.lerp's formula; blocks of 16: the largest tensor spans more than 1024 blocks, so the segment
+# sum loops (one case is enough: under the CPU's interpreter each block is a Python call)
+@pytest.mark.parametrize("weight, block", [(0.1, 16), (0.7, 2048)])
+def test_lerp_sumsq_matches_lerp_and_norms(device, weight, block, monkeypatch):
+    monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", block)
     # the launches' grids and blocks, to see that the override reaches them
     launches = record_launches(monkeypatch, "_lerp_sumsq_kernel", lambda grid, kwargs: (grid[0], kwargs["BLOCK"]))
     momenta = tensors(FLAT_SHAPES, torch.float32, device, 4)
@@ -181,9 +182,9 @@ def test_lerp_sumsq_matches_lerp_and_norms(device, weight, monkeypatch):
     expected = [m.double() + weight * (g.double() - m.double()) for m, g in zip(momenta, grads)]
     originals = [m.clone() for m in momenta]
     sums = kernels.lerp_sumsq_(momenta, grads, weight)
-    # one launch per distinct non-empty size, together one program per 16 elements of each tensor
-    assert len(launches) == len({math.prod(s) for s in FLAT_SHAPES} - {0}) and {b for _, b in launches} == {16}
-    assert sum(n for n, _ in launches) == sum(-(-math.prod(s) // 16) for s in FLAT_SHAPES)
+    # one launch per distinct non-empty size, together one program per `block` elements of each tensor
+    assert len(launches) == len({math.prod(s) for s in FLAT_SHAPES} - {0}) and {b for _, b in launches} == {block}
+    assert sum(n for n, _ in launches) == sum(-(-math.prod(s) // block) for s in FLAT_SHAPES)
     assert sums.shape == (len(FLAT_SHAPES),) and sums.dtype == torch.float32
     for i, (m, e) in enumerate(zip(momenta, expected)):
         torch.testing.assert_close(m.cpu(), e.float().cpu(), rtol=1e-6, atol=1e-6, msg=f"momentum {i}")

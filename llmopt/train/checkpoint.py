@@ -63,6 +63,8 @@ class Checkpointer:
         self.accelerator = accelerator
         self.every, self.keep, self.sharded = every, keep, sharded
         self.identity = identity  # the run's defining settings (run.run_identity): a resume must match them
+        # where the run's records go ({"run_dir": ..., "wandb_id": ...}): a run resumed from a checkpoint continues them
+        self.lineage: dict = {}
 
     # -- writing -------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -89,7 +91,8 @@ class Checkpointer:
         if main:
             torch.save({"step": trainer.step, "tokens_seen": tokens_seen, "skipped_steps": trainer.skipped_steps,
                         "scheduler": trainer.scheduler.state_dict(), "last_eval": trainer.last_eval,
-                        "world_size": acc.num_processes, "identity": self.identity}, tmp / "trainer.pt")
+                        "world_size": acc.num_processes, "identity": self.identity, "lineage": self.lineage},
+                       tmp / "trainer.pt")
         acc.wait_for_everyone()
         if main:
             files = {p.name: {"size": p.stat().st_size, "crc32": crc32(p)} for p in sorted(tmp.iterdir())}
@@ -141,16 +144,20 @@ class Checkpointer:
             log.warning("skipping checkpoint %s: %s", path, problem)
         return None
 
-    def check_identity(self, path: Path) -> None:
-        """Refuse a checkpoint written by a run with other defining settings (a sweep sharing one
-        checkpoint.dir, an edited config): resuming it would report the old run's numbers under the new
-        settings, or fail halfway."""
-        # no CRC pass here (load() makes it; on a 7B checkpoint each pass reads ~80 GB): a missing or unreadable
-        # trainer.pt is left to load() to name
+    @staticmethod
+    def saved_meta(path: Path) -> dict:
+        """The checkpoint's trainer.pt (step, identity, lineage, ...), or {} where it cannot be read. No CRC pass
+        here (load() makes it; on a 7B checkpoint each pass reads ~80 GB): a missing or unreadable trainer.pt is
+        left to load() to name."""
         try:
-            saved = torch.load(path / "trainer.pt", weights_only=False).get("identity")
+            return torch.load(path / "trainer.pt", weights_only=False)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-            return
+            return {}
+
+    def check_identity(self, path: Path, saved: dict | None) -> None:
+        """Refuse a checkpoint (at `path`, its identity `saved`, from saved_meta) written by a run with other
+        defining settings (a sweep sharing one checkpoint.dir, an edited config): resuming it would report the old
+        run's numbers under the new settings, or fail halfway."""
         if saved is None or self.identity is None:
             return
         changed = [f"{k}: {saved.get(k)!r} -> {self.identity.get(k)!r}" for k in sorted(set(saved) | set(self.identity))

@@ -252,8 +252,9 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                                 sharded=accelerator.distributed_type == DistributedType.FSDP,
                                 identity=run_identity(cfg))
     resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
+    resumed = Checkpointer.saved_meta(resume_from) if resume_from is not None else None
     if resume_from is not None:
-        checkpointer.check_identity(resume_from)  # before anything is written
+        checkpointer.check_identity(resume_from, resumed.get("identity"))  # before anything is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -263,7 +264,8 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         diagnostics = Diagnostics(model, optimizer, every=cfg.diagnostics.every,
                                   init_device=cfg.diagnostics.init_device)
     loggers = build_loggers(run_dir, OmegaConf.to_container(cfg, resolve=True), accelerator.is_main_process,
-                            OmegaConf.to_container(cfg.logger.wandb, resolve=True))
+                            OmegaConf.to_container(cfg.logger.wandb, resolve=True), resumed=resumed)
+    checkpointer.lineage = loggers.lineage(run_dir)  # on the main process, which writes trainer.pt
     fixed = {"model/params": counts["total"], "memory/paper_gb": _paper_gb(cfg.model.flavor, opt_name, lookahead)}
     trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, loggers,
                       seq_len=int(cfg.data.seq_len),
@@ -286,6 +288,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         loggers.close()
         data.close()
     summary.update({"run_dir": str(run_dir), "is_main": accelerator.is_main_process, "optimizer": opt_name,
+                    "resumed_from": str(resume_from) if resume_from is not None else None,
                     "lookahead": bool(lookahead), "flavor": cfg.model.flavor, "precision": tcfg.precision,
                     "processes": accelerator.num_processes, "params": counts["total"],
                     "optimizer_state_bytes": state_bytes(optimizer), **fixed})
