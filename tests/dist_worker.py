@@ -55,11 +55,8 @@ def recording_trainer(out: dict):
     base = run_module.Trainer
 
     class RecordingTrainer(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.train_iter = Recorder(self.train_iter)
-
         def fit(self):
+            self.train_iter = Recorder(self.train_iter)  # here: a resume replaces the iterator built in __init__
             summary = super().fit()
             acc = self.accelerator
             lm = acc.unwrap_model(self.model).lm

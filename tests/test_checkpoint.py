@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,9 +152,12 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
     assert "optimizer.lr: 0.001 -> 0.01" in other.stderr and "its own checkpoint.dir" in other.stderr
     assert not (tmp_path / "b").exists() or not [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    final = ckpt_dir / "step_00000004" / "manifest.json"
+    written = final.stat().st_mtime_ns
     same, run_dir = run_in_process(tmp_path, [*base, "trainer.log_every=1"], name="c")
-    # resumed at its end: nothing left to train; its records are the first run's
+    # resumed at its end: nothing left to train (nor to checkpoint again); its records are the first run's
     assert same["step"] == 4 and metrics(run_dir) == metrics(tmp_path / "a")
+    assert final.stat().st_mtime_ns == written
 
 
 def test_metrics_history_keeps_the_steps_up_to_the_checkpoint(tmp_path, caplog):
@@ -161,11 +165,72 @@ def test_metrics_history_keeps_the_steps_up_to_the_checkpoint(tmp_path, caplog):
 
     lines = [json.dumps({"step": s, "train/loss": 10.0 - s}) for s in (1, 2, 3)] + ['{"step": 4, "train/lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # the last line cut short by a killed process
-    lineage = {"run_dir": str(tmp_path)}
-    assert metrics_history(lineage, 2) == [{"step": 1, "train/loss": 9.0}, {"step": 2, "train/loss": 8.0}]
-    assert [r["step"] for r in metrics_history(lineage, 10)] == [1, 2, 3]
-    assert metrics_history({"run_dir": str(tmp_path / "gone")}, 2) == []
+    lineage, elsewhere = {"run_dir": str(tmp_path)}, tmp_path / "new_run"
+    assert metrics_history(lineage, 2, elsewhere) == [{"step": 1, "train/loss": 9.0}, {"step": 2, "train/loss": 8.0}]
+    assert [r["step"] for r in metrics_history(lineage, 10, elsewhere)] == [1, 2, 3]
+    # the writing run's directory gone (a moved tree): this run's own file, if it has one (the same run, moved)
+    gone = {"run_dir": str(tmp_path / "gone")}
+    assert [r["step"] for r in metrics_history(gone, 2, tmp_path)] == [1, 2]
+    assert metrics_history(gone, 2, elsewhere) is None  # nothing to start from: append, never empty a file
     assert "steps 1-2 are not in this run's metrics.jsonl" in caplog.text
+
+
+def test_a_refused_resume_leaves_the_earlier_records_as_they_were(tmp_path):
+    base = [*C4_SMALL, "trainer.steps=6", "checkpoint.every=4", "checkpoint.final=false",
+            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.resume=auto"]
+    _, run_dir = run_in_process(tmp_path, base, name="a")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    damaged = tmp_path / "ckpt" / "step_00000004" / "optimizer.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="optimizer.pt is corrupt"):
+        run_in_process(tmp_path, [*base, f"checkpoint.resume={damaged.parent}"], name="a")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_chain_of_resumes_keeps_one_wandb_run_through_a_link_without_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    base = [*C4_SMALL, "trainer.steps=6", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.final=false",
+            f"checkpoint.dir={ckpt}", "checkpoint.resume=auto"]
+    run_in_process(tmp_path, [*base, "logger=wandb"], name="a")          # checkpoints 2, 4 (6: final=false)
+    assert [p.name for p in Checkpointer(ckpt, None).checkpoints()] == ["step_00000002", "step_00000004"]
+    first_id = Checkpointer.saved_meta(ckpt / "step_00000002")["lineage"]["wandb_id"]
+    shutil.rmtree(ckpt / "step_00000004")
+    run_in_process(tmp_path, base, name="b")                             # W&B off: from 2, writes 4
+    assert Checkpointer.saved_meta(ckpt / "step_00000004")["lineage"]["wandb_id"] == first_id
+    run_in_process(tmp_path, [*base, "logger=wandb"], name="c")          # from 4: A's W&B run again
+    ids = [p.name.rsplit("-", 1)[1] for p in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+    assert ids == [first_id, first_id]
+    # a run branched from a chosen checkpoint (not a requeue) gets its own W&B run, with the earlier records
+    _, branch = run_in_process(tmp_path, [*base, "logger=wandb", f"checkpoint.resume={ckpt / 'step_00000002'}"],
+                               name="d")
+    ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
+    assert len(ids) == 2 and first_id in ids
+    assert [r["step"] for r in metrics(branch) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_wandb_starts_a_new_run_where_it_refuses_to_continue_one(tmp_path, monkeypatch, caplog):
+    """W&B refuses the id of a run deleted in its UI (HTTP 409): the resumed run must still train and log."""
+    import wandb
+
+    from llmopt.metrics.loggers import WandbLogger
+
+    real_init = wandb.init
+
+    def init(**kwargs):
+        if kwargs.get("id"):
+            raise wandb.errors.CommError("run abc123 was previously created and deleted")
+        return real_init(**kwargs)
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(tmp_path, {}, project="llmopt-tests", mode="offline", run_id="abc123")
+    try:
+        assert logger.run.id != "abc123" and "did not continue run abc123" in caplog.text
+    finally:
+        logger.close()
 
 
 def trained(records: list[dict]) -> list[dict]:

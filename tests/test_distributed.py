@@ -59,8 +59,16 @@ TIMEOUT = 300
 LATE_START_S = 3.0
 
 
-def _spec(micro: int) -> str:
-    return json.dumps({name: [*COMMON, *o, f"trainer.micro_batch_size={micro}"] for name, o in RUNS.items()})
+RESUMED = "adamw_resumed"  # 2 ranks only: the AdamW run again, resumed from its step-2 checkpoint
+
+
+def _spec(micro: int, two_ranks_dir: Path | None = None) -> str:
+    spec = {name: [*COMMON, *o, f"trainer.micro_batch_size={micro}"] for name, o in RUNS.items()}
+    if two_ranks_dir is not None:
+        spec["adamw"].append("checkpoint.every=2")  # a checkpoint changes no number
+        step2 = two_ranks_dir / "adamw" / "checkpoints" / "step_00000002"
+        spec[RESUMED] = [*spec["adamw"], f"checkpoint.resume={step2}"]
+    return json.dumps(spec)
 
 
 def _torchrun(*args: str) -> list[str]:
@@ -75,7 +83,7 @@ def launched(tmp_path_factory) -> dict:
     cli_args = [*(a for a in C4_SMALL if not a.startswith("checkpoint.export_hf")), *COMMON, *RUNS["sgd"],
                 "trainer.micro_batch_size=2", "checkpoint.export_hf=true"]
     commands = {
-        "two": _torchrun("-m", "tests.dist_worker", str(dirs["two"]), _spec(2), "--fsdp", "--probe-auto"),
+        "two": _torchrun("-m", "tests.dist_worker", str(dirs["two"]), _spec(2, dirs["two"]), "--fsdp", "--probe-auto"),
         "one": [sys.executable, "-m", "tests.dist_worker", str(dirs["one"]), _spec(4)],
         # the CLI, rank 1 starting LATE_START_S later, with Hydra's default run directory under output_root (the
         # checkpoint directory is set: its default, inside the run directory, makes this launch crash for now)
@@ -186,6 +194,22 @@ def test_two_ranks_equal_one_process(launched, run):
     for key, ref in one["params"].items():
         assert not torch.equal(ref, init[key]), f"{run}: {key} did not move"
         assert_same_update(two["params"][key], ref, init[key], steps, f"{run} {key}")
+
+
+@pytest.mark.slow
+def test_ddp_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one(launched):
+    """2 ranks resume the AdamW run at step 2 of 3 (each its own data position): the same parameters, bit for bit,
+    on both replicas, and the records of the first two steps carried over."""
+    full = _record(launched, "two", "adamw")
+    resumed = [_record(launched, "two", RESUMED, r) for r in range(WORLD)]
+    assert len(resumed[0]["batches"]) == 1  # only step 3 trained
+    for key, value in full["params"].items():
+        for r in range(WORLD):
+            assert torch.equal(resumed[r]["params"][key], value), f"rank {r}: {key}"
+    logged = {n: [json.loads(line) for line in (launched["two"] / n / "metrics.jsonl").read_text().splitlines()]
+              for n in ("adamw", RESUMED)}
+    losses = {n: [(r["step"], r["train/loss"]) for r in logged[n] if "train/loss" in r] for n in logged}
+    assert losses[RESUMED] == losses["adamw"] and [s for s, _ in losses["adamw"]] == [1, 2, 3]
 
 
 def _cli_run_dirs(launched) -> list[Path]:

@@ -119,7 +119,7 @@ def sgd_ll_table(row: str, size: str) -> dict:
            "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens, "trainer.global_batch_size": batch,
            "trainer.precision": "amp_bf16", "trainer.grad_clip": 0.0, "schedule.name": "cosine",
            "schedule.warmup_ratio": 0.1, "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": False,
-           "lookahead.name": "none"}
+           "schedule.start_at_zero": True, "lookahead.name": "none"}  # the SGD-LL loop: first update at lr 0
     exp.update({"adam": {"optimizer.lr": adam_lr, "optimizer.weight_decay": 0.0},
                 "sgd": {"optimizer.lr": 0.5, "optimizer.momentum": 0.9, "optimizer.nesterov": False},
                 "sgd_ll": {"optimizer.lr": lr, "optimizer.momentum": 0.9, "optimizer.tau": tau,
@@ -214,6 +214,7 @@ def test_experiment_composes_with_protocol_values(hydra_configs, name):
                                  **OmegaConf.to_container(cfg.schedule, resolve=True))
     assert schedule.warmup == exp["warmup"]
     assert schedule.num_updates == tcfg.steps + (1 if exp["schedule.reference_quirks"] else 0)
+    assert (schedule.factor(0) == 0.0) == (exp["schedule.reference_quirks"] or exp.get("schedule.start_at_zero", False))
 
     # the micro-batch fits 1, 2, 4 and 8 GPUs; the optimizer (and lookahead) accept every hyper-parameter
     for world_size in (1, 2, 4, 8):

@@ -43,6 +43,18 @@ def test_reference_quirks_match_the_reference_lambda(steps, warmup):
         assert q.factor(update) == pytest.approx(reference_cyclical_cosine(update, warmup, steps, 0.1), abs=1e-15)
 
 
+@pytest.mark.parametrize("steps, warmup", [(5000, 500), (19125, 1912), (7, 1)])
+def test_start_at_zero_matches_the_sgd_ll_loop(steps, warmup):
+    """The SGD-LL code's loop: exactly `steps` updates, update s at its scheduler's factor(s) (the first at lr 0);
+    within one cycle its cyclical cosine is the plain one."""
+    z = Schedule("cosine", steps=steps, warmup=warmup, min_lr_ratio=0.1, start_at_zero=True)
+    plain = Schedule("cosine", steps=steps, warmup=warmup, min_lr_ratio=0.1)
+    assert z.num_updates == steps and z.factor(0) == 0.0
+    for update in range(steps):
+        assert z.factor(update) == pytest.approx(reference_cyclical_cosine(update, warmup, steps, 0.1), abs=1e-15)
+    assert all(z.factor(s + 1) == plain.factor(s) for s in range(steps - 1))  # one update behind the default
+
+
 def test_wsd_and_constant():
     w = Schedule("wsd", steps=100, warmup=10, min_lr_ratio=0.1, decay=10)
     assert w.factor(50) == 1.0 and w.factor(89) == 1.0 and w.factor(99) == pytest.approx(0.1)

@@ -27,7 +27,10 @@ class JsonlLogger:
         self.path = Path(path)
         if history is not None:  # written whole, then swapped in: the earlier file stays until this one is complete
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+            with open(tmp, "w") as f:
+                f.write("".join(json.dumps(record) + "\n" for record in history))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
         self.file = open(self.path, "a", buffering=1)
 
@@ -48,9 +51,18 @@ class WandbLogger:
                  entity: str | None = None, run_id: str | None = None):
         import wandb
 
-        self.run = wandb.init(project=project, entity=entity, group=group, name=name, tags=list(tags or []),
+        def start(run_id):
+            return wandb.init(project=project, entity=entity, group=group, name=name, tags=list(tags or []),
                               config=config, dir=os.environ.get("WANDB_DIR", str(run_dir)), mode=mode,
                               reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
+        try:
+            self.run = start(run_id)
+        except Exception as err:  # e.g. the run was deleted in W&B (it refuses the id): a resume must still train
+            if run_id is None:
+                raise
+            log.warning("W&B did not continue run %s (%s: %s); logging to a new run", run_id, type(err).__name__,
+                        err)
+            self.run = start(None)
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
@@ -71,22 +83,26 @@ class Loggers:
         for logger in self.loggers:
             logger.close()
 
-    def lineage(self, run_dir: Path) -> dict:
-        """What a run resumed from this one's checkpoints needs to continue its records (Checkpointer.lineage)."""
+    def lineage(self, run_dir: Path, previous: dict | None = None) -> dict:
+        """What a run resumed from this one's checkpoints needs to continue its records (Checkpointer.lineage).
+        Without W&B here, the W&B run of the `previous` lineage is passed on for a later link of the chain."""
         wandb_ids = [logger.run.id for logger in self.loggers if isinstance(logger, WandbLogger)]
-        return {"run_dir": str(Path(run_dir).resolve()), "wandb_id": wandb_ids[0] if wandb_ids else None}
+        wandb_id = wandb_ids[0] if wandb_ids else (previous or {}).get("wandb_id")
+        return {"run_dir": str(Path(run_dir).resolve()), "wandb_id": wandb_id}
 
 
-def metrics_history(lineage: dict, step: int | None) -> list[dict]:
+def metrics_history(lineage: dict, step: int, run_dir: Path) -> list[dict] | None:
     """The records a run resumed at `step` continues: those of the run that wrote the checkpoint (its run
-    directory in `lineage`), up to `step`. Steps logged after the checkpoint (a run that crashed) are dropped:
-    they are trained again."""
-    if not lineage.get("run_dir") or step is None:
-        return []
-    path = Path(lineage["run_dir"]) / "metrics.jsonl"
-    if not path.is_file():
-        log.warning("the metrics of steps 1-%d are not in this run's metrics.jsonl: %s is gone", step, path)
-        return []
+    directory in `lineage`; where that is gone, e.g. a moved tree, this run's own file), up to `step`. Steps
+    logged after the checkpoint (a run that crashed) are dropped: they are trained again. None where neither
+    file exists: the run's file is then appended to, never emptied."""
+    sources = [Path(lineage["run_dir"])] if lineage.get("run_dir") else []
+    path = next((d / "metrics.jsonl" for d in [*sources, Path(run_dir)] if (d / "metrics.jsonl").is_file()), None)
+    if path is None:
+        if sources:
+            log.warning("the metrics of steps 1-%d are not in this run's metrics.jsonl: %s is gone", step,
+                        sources[0] / "metrics.jsonl")
+        return None
     records = []
     for line in path.read_text().splitlines():
         try:
@@ -97,16 +113,18 @@ def metrics_history(lineage: dict, step: int | None) -> list[dict]:
 
 
 def build_loggers(run_dir: Path, config: dict, is_main: bool, wandb: dict | None = None,
-                  resumed: dict | None = None) -> Loggers:
+                  resumed: dict | None = None, continue_wandb: bool = True) -> Loggers:
     """JSON lines on the main process; W&B too when `wandb.enabled`. `resumed` (the checkpoint's trainer.pt
-    when resuming): metrics.jsonl starts with the earlier records and W&B continues the same run."""
+    when resuming): metrics.jsonl starts with the earlier records, and W&B continues the same run if
+    `continue_wandb` (a requeue; a run branched from a chosen checkpoint gets its own)."""
     if not is_main:
         return Loggers([])
     lineage = (resumed or {}).get("lineage") or {}
     # a checkpoint without a lineage (written before llmopt kept one): append, as before
-    history = metrics_history(lineage, resumed.get("step")) if lineage else None
+    history = metrics_history(lineage, resumed["step"], run_dir) if lineage else None
     loggers: list = [JsonlLogger(run_dir / "metrics.jsonl", history)]
     if wandb and wandb.get("enabled"):
         opts = {k: v for k, v in wandb.items() if k != "enabled"}
-        loggers.append(WandbLogger(run_dir, config, run_id=lineage.get("wandb_id"), **opts))
+        run_id = lineage.get("wandb_id") if continue_wandb else None
+        loggers.append(WandbLogger(run_dir, config, run_id=run_id, **opts))
     return Loggers(loggers)

@@ -157,10 +157,11 @@ class Checkpointer:
     def check_identity(self, path: Path, saved: dict | None) -> None:
         """Refuse a checkpoint (at `path`, its identity `saved`, from saved_meta) written by a run with other
         defining settings (a sweep sharing one checkpoint.dir, an edited config): resuming it would report the old
-        run's numbers under the new settings, or fail halfway."""
+        run's numbers under the new settings, or fail halfway. A setting the checkpoint does not record (added to
+        llmopt after it was written) is not compared."""
         if saved is None or self.identity is None:
             return
-        changed = [f"{k}: {saved.get(k)!r} -> {self.identity.get(k)!r}" for k in sorted(set(saved) | set(self.identity))
+        changed = [f"{k}: {saved.get(k)!r} -> {self.identity.get(k)!r}" for k in sorted(saved)
                    if saved.get(k) != self.identity.get(k)]
         if changed:
             raise ValueError(f"checkpoint {path} was written by a run with other settings ({'; '.join(changed)}). "
@@ -178,9 +179,10 @@ class Checkpointer:
                              f"it with the same number (now {acc.num_processes})")
         model = acc.unwrap_model(trainer.model).lm
         suffix = f"_rank{rank}" if self.sharded else ""
-        model.load_state_dict(torch.load(path / f"model{suffix}.pt", map_location=acc.device, weights_only=False))
+        where = "cpu" if acc.device.type == "cpu" else acc.device  # gloo ranks' "cpu:0" is no storage location
+        model.load_state_dict(torch.load(path / f"model{suffix}.pt", map_location=where, weights_only=False))
         trainer.raw_optimizer.load_state_dict(
-            torch.load(path / f"optimizer{suffix}.pt", map_location=acc.device, weights_only=False))
+            torch.load(path / f"optimizer{suffix}.pt", map_location=where, weights_only=False))
         trainer.scheduler.load_state_dict(meta["scheduler"])
         trainer.step, trainer.tokens_seen = meta["step"], meta["tokens_seen"]
         trainer.skipped_steps, trainer.last_eval = meta["skipped_steps"], meta["last_eval"]

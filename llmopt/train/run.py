@@ -263,29 +263,37 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         from llmopt.metrics.diagnostics import Diagnostics
         diagnostics = Diagnostics(model, optimizer, every=cfg.diagnostics.every,
                                   init_device=cfg.diagnostics.init_device)
-    loggers = build_loggers(run_dir, OmegaConf.to_container(cfg, resolve=True), accelerator.is_main_process,
-                            OmegaConf.to_container(cfg.logger.wandb, resolve=True), resumed=resumed)
-    checkpointer.lineage = loggers.lineage(run_dir)  # on the main process, which writes trainer.pt
     fixed = {"model/params": counts["total"], "memory/paper_gb": _paper_gb(cfg.model.flavor, opt_name, lookahead)}
-    trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, loggers,
+    trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, None,
                       seq_len=int(cfg.data.seq_len),
                       flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
                       peak_flops=_peak(accelerator.device), extra_metrics=fixed, diagnostics=diagnostics,
                       checkpointer=checkpointer, stop_requested=stop_signal.requested)
     if resume_from is not None:
         checkpointer.load(trainer, resume_from)
+    start_step = trainer.step
     # -- train --------------------------------------------------------------------------------------
     stop_signal.install()
+    loggers = None
     try:
+        # the records start once the checkpoint has loaded: a refused one leaves the earlier records as they were
+        trainer.loggers = loggers = build_loggers(
+            run_dir, OmegaConf.to_container(cfg, resolve=True), accelerator.is_main_process,
+            OmegaConf.to_container(cfg.logger.wandb, resolve=True), resumed=resumed,
+            continue_wandb=cfg.checkpoint.resume == "auto")
+        # passed on in the checkpoints (the main process writes trainer.pt)
+        checkpointer.lineage = loggers.lineage(run_dir, previous=(resumed or {}).get("lineage"))
         summary = trainer.fit()
-        if cfg.checkpoint.final or trainer.preempted:
+        # a run resumed at its end trained nothing: its checkpoint is already there
+        if (cfg.checkpoint.final or trainer.preempted) and trainer.step > start_step:
             trainer.raise_if_nonfinite_since()
             checkpointer.save(trainer)
         if cfg.checkpoint.export_hf and not trainer.preempted and accelerator.is_main_process:
             export_hf(accelerator.unwrap_model(loss_model).lm, run_dir / "hf_model")
     finally:
         stop_signal.uninstall()
-        loggers.close()
+        if loggers is not None:
+            loggers.close()
         data.close()
     summary.update({"run_dir": str(run_dir), "is_main": accelerator.is_main_process, "optimizer": opt_name,
                     "resumed_from": str(resume_from) if resume_from is not None else None,

@@ -11,6 +11,9 @@ warmup (the first update runs at lr 0) and the loop makes steps + 1 updates. Its
 the run as one cycle, so the extra update N starts a second cycle: 1e-7 (a restarted warmup's first steps),
 or 1 without warmup. Without the quirks, factor_ours(s) = factor_reference(s + 1) and there are `steps`
 updates.
+
+start_at_zero=True reproduces the SGD-LL code's loop: its counter starts at 0 too (factor(s) = factor_reference(s),
+the first update at lr 0 during warmup), but it stops after exactly `steps` updates.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Schedule:
     min_lr_ratio: float = 0.1
     decay: int = 0                  # wsd only: updates of the final decay
     reference_quirks: bool = False
+    start_at_zero: bool = False     # update s at the reference's factor(s); implied by reference_quirks
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
@@ -49,7 +53,7 @@ class Schedule:
 
     def factor(self, update: int) -> float:
         # the reference's step counter for this update
-        s = update if self.reference_quirks else update + 1
+        s = update if self.reference_quirks or self.start_at_zero else update + 1
         if self.reference_quirks and self.name == "cosine" and s >= self.steps:
             s -= self.steps  # the reference's next cycle (cycle length = steps): its restarted warmup starts at 1e-7
             if s < min(2, self.warmup):
@@ -70,9 +74,10 @@ class Schedule:
 
 def build_schedule(optimizer: torch.optim.Optimizer, name: str = "cosine", steps: int = 1000,
                    warmup_ratio: float = 0.1, min_lr_ratio: float = 0.1, decay_ratio: float = 0.1,
-                   reference_quirks: bool = False) -> tuple[Schedule, torch.optim.lr_scheduler.LambdaLR]:
+                   reference_quirks: bool = False,
+                   start_at_zero: bool = False) -> tuple[Schedule, torch.optim.lr_scheduler.LambdaLR]:
     """The schedule and a LambdaLR on the optimizer; the trainer steps it once per optimizer step."""
     schedule = Schedule(name=name, steps=steps, warmup=round(warmup_ratio * steps), min_lr_ratio=min_lr_ratio,
                         decay=round(decay_ratio * steps) if name == "wsd" else 0,
-                        reference_quirks=reference_quirks)
+                        reference_quirks=reference_quirks, start_at_zero=start_at_zero)
     return schedule, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)

@@ -106,7 +106,8 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract."""
+    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract. `loggers` may be
+    set after construction (run() starts them once a checkpoint to resume has loaded)."""
 
     def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
                  loggers, seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
