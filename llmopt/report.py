@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from llmopt.metrics.loggers import read_metrics
+
 # ---------------------------------------------------------------------------------------------------
 # Published numbers (protocol.md). measure: which of our two perplexities the paper's figure matches.
 
@@ -228,11 +230,7 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
 def load_run_dir(path: str | Path) -> Run:
     path = Path(path)
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    metrics = []
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                metrics.append(json.loads(line))
+    metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text())
     else:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from llmopt.metrics.loggers import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 # the papers' micro-batches (the reference scripts' --batch_size), the trainer cases' default and the eager loop's
 MICRO = {"60m": 256, "130m": 256, "350m": 128, "1b": 64, "7b": 4}
@@ -105,7 +107,7 @@ def trainer_case(case: str, data_dir: str, steps: int, compile_model: bool, work
                 return {"case": case, "error": f"{type(err).__name__}: {err}"[:500],
                         "wall_s": time.perf_counter() - t0}
             wall = time.perf_counter() - t0
-            records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     logs = [r for r in records if "perf/token_slots_per_s" in r][1:]  # the first interval holds compilation
     evals = [r for r in records if "perf/eval_s" in r]
     row = {"case": case, "compile": cfg.trainer.compile, "micro_batch": cfg.trainer.micro_batch_size,

@@ -32,6 +32,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from llmopt.metrics.loggers import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The papers' values (configs/optimizer/*.yaml) unless stated. AdamW and SCALE get a 3-point learning-rate
@@ -80,10 +82,6 @@ def compose(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return hydra_compose("train", overrides=["experiment=mini_protocol", *overrides])
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def result_of(name: str, overrides: list[str], summary: dict, records: list[dict], wall_s: float,

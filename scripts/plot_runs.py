@@ -22,8 +22,6 @@ or one kind with --kind; embedding, lm_head and final norm are lines of their ow
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -52,6 +50,8 @@ def log_panel(ax, title: str, ylabel: str | None = None, legend_cols: int = 1) -
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=legend_cols)
 from matplotlib import cm  # noqa: E402
+
+from llmopt.metrics.loggers import read_metrics  # noqa: E402
 
 QUANTITIES = ("update_rms", "weight_rms", "grad_rms", "w_over_g", "w_over_m", "dist_init", "dist_init_rel")
 MATRIX_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -107,18 +107,7 @@ def load_run(path: str | Path) -> Run:
         metrics = path / "metrics.jsonl.gz"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} not found: give run directories (holding metrics.jsonl)")
-    text = gzip.decompress(metrics.read_bytes()).decode() if metrics.suffix == ".gz" else metrics.read_text()
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:   # a run killed mid-write leaves a partial last line
-                continue
-            if "step" in rec:
-                records.append(rec)
-    records.sort(key=lambda r: r["step"])
+    records = sorted((r for r in read_metrics(metrics) if "step" in r), key=lambda r: r["step"])
     cfg = _read_yaml(path / "config.yaml")
     opt = (cfg.get("optimizer") or {}).get("name")
     lookahead = (cfg.get("lookahead") or {}).get("name")

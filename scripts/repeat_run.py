@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llmopt.metrics.loggers import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 # appended after the user's overrides, so they win: a loss at every step, nothing written that is not compared
 REPEAT_OVERRIDES = ["trainer.log_every=1", "checkpoint.final=false", "checkpoint.export_hf=false"]
@@ -47,7 +49,7 @@ def run_once(overrides: list[str], run_dir: Path, launcher: list[str] | None = N
     metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
     if done.returncode != 0 or not metrics.is_file() or not summary.is_file():
         return {"error": (done.stderr or done.stdout).strip()[-800:], "returncode": done.returncode}
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_metrics(metrics)
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     speeds = [r["perf/token_slots_per_s"] for r in records if "perf/token_slots_per_s" in r][1:]
     processes = json.loads(summary.read_text())["processes"]

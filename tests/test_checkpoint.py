@@ -3,6 +3,7 @@ non-finite values, and a process killed while writing a checkpoint."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -161,7 +162,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
 
 
 def test_metrics_history_keeps_the_steps_up_to_the_checkpoint(tmp_path, caplog):
-    from llmopt.metrics.loggers import metrics_history
+    from llmopt.metrics.loggers import metrics_history, read_metrics
 
     lines = [json.dumps({"step": s, "train/loss": 10.0 - s}) for s in (1, 2, 3)] + ['{"step": 4, "train/lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # the last line cut short by a killed process
@@ -173,6 +174,10 @@ def test_metrics_history_keeps_the_steps_up_to_the_checkpoint(tmp_path, caplog):
     assert [r["step"] for r in metrics_history(gone, 2, tmp_path)] == [1, 2]
     assert metrics_history(gone, 2, elsewhere) is None  # nothing to start from: append, never empty a file
     assert "steps 1-2 are not in this run's metrics.jsonl" in caplog.text
+    # the one reader of metrics files (report, plots, scripts): an archived copy reads the same
+    archived = tmp_path / "metrics.jsonl.gz"
+    archived.write_bytes(gzip.compress((tmp_path / "metrics.jsonl").read_bytes()))
+    assert read_metrics(archived) == read_metrics(tmp_path / "metrics.jsonl") == metrics_history(lineage, 10, tmp_path)
 
 
 def test_a_refused_resume_leaves_the_earlier_records_as_they_were(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -103,19 +104,29 @@ def metrics_history(lineage: dict, step: int, run_dir: Path) -> list[dict] | Non
             log.warning("the metrics of steps 1-%d are not in this run's metrics.jsonl: %s is gone", step,
                         sources[0] / "metrics.jsonl")
         return None
+    return [r for r in read_metrics(path) if r.get("step", 0) <= step]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (or an archived metrics.jsonl.gz), in file order. Blank lines and a line cut
+    short by a killed process are skipped."""
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a killed process
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
             continue
-    return [r for r in records if isinstance(r, dict) and r.get("step", 0) <= step]
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def build_loggers(run_dir: Path, config: dict, is_main: bool, wandb: dict | None = None,
                   resumed: dict | None = None, continue_wandb: bool = True) -> Loggers:
     """JSON lines on the main process; W&B too when `wandb.enabled`. `resumed` (the checkpoint's trainer.pt
-    when resuming): metrics.jsonl starts with the earlier records, and W&B continues the same run if
+    when resuming, else empty): metrics.jsonl starts with the earlier records, and W&B continues the same run if
     `continue_wandb` (a requeue; a run branched from a chosen checkpoint gets its own)."""
     if not is_main:
         return Loggers([])

@@ -252,7 +252,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                                 sharded=accelerator.distributed_type == DistributedType.FSDP,
                                 identity=run_identity(cfg))
     resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
-    resumed = Checkpointer.saved_meta(resume_from) if resume_from is not None else None
+    resumed = Checkpointer.saved_meta(resume_from) if resume_from is not None else {}
     if resume_from is not None:
         checkpointer.check_identity(resume_from, resumed.get("identity"))  # before anything is written
     if accelerator.is_main_process:
@@ -282,7 +282,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
             OmegaConf.to_container(cfg.logger.wandb, resolve=True), resumed=resumed,
             continue_wandb=cfg.checkpoint.resume == "auto")
         # passed on in the checkpoints (the main process writes trainer.pt)
-        checkpointer.lineage = loggers.lineage(run_dir, previous=(resumed or {}).get("lineage"))
+        checkpointer.lineage = loggers.lineage(run_dir, previous=resumed.get("lineage"))
         summary = trainer.fit()
         # a run resumed at its end trained nothing: its checkpoint is already there
         if (cfg.checkpoint.final or trainer.preempted) and trainer.step > start_step:
