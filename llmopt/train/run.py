@@ -26,7 +26,7 @@ from llmopt.optim import EMANesterov, build_optimizer, paper_memory_gb, state_by
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
 from llmopt.train.reproducible import deterministic_mode
-from llmopt.train.schedule import build_schedule
+from llmopt.train.schedule import make_schedule
 from llmopt.train.trainer import Trainer, TrainerConfig
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the sbatch templates requeue the job on it
@@ -66,6 +66,13 @@ def check_known(section: str, names: Iterable[str], known: Iterable[str]) -> Non
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"unknown {section} keys {unknown}; the known ones are {sorted(known)}")
+
+
+def schedule_from_config(cfg: DictConfig, steps: int):
+    """The schedule of cfg.schedule over `steps` updates; an unknown key or a bad value is refused here."""
+    values = OmegaConf.to_container(cfg.schedule, resolve=True)
+    check_known("schedule", values, [k for k in inspect.signature(make_schedule).parameters if k != "steps"])
+    return make_schedule(steps=steps, **values)
 
 
 def check_lookahead_window(lookahead: dict, steps: int) -> None:
@@ -186,6 +193,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     # -- validate ---------------------------------------------------------------------------------
     check_config_keys(cfg)
     tcfg = trainer_config(cfg)
+    schedule = schedule_from_config(cfg, tcfg.steps)
     opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
     if lookahead is not None:
         check_lookahead_window(lookahead, tcfg.steps)
@@ -243,8 +251,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                accelerator.num_processes, deterministic)
         model, loss_model = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
-    schedule, scheduler = build_schedule(optimizer, steps=tcfg.steps,
-                                         **OmegaConf.to_container(cfg.schedule, resolve=True))
+    scheduler = schedule.lr_scheduler(optimizer)
     prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
     checkpointer = Checkpointer(checkpoint_dir, accelerator, every=cfg.checkpoint.every,
