@@ -5,6 +5,7 @@ read from the experiment files: a file that drifts from the protocol fails here.
 found by the glob and must get its row in `expected()`.
 """
 
+import re
 import shlex
 from pathlib import Path
 
@@ -56,11 +57,16 @@ SGD_LL = {  # size: steps, warmup, batch, tokens (B), Adam lr, SGD-LL lr, tau
     "1b": (19_125, 1_912, 4096, 20.0, 2e-3, 300.0, 2e-4),
 }
 
-# -- section 4: EMA-Nesterov ----------------------------------------------------------------------------------
-EMA = {  # size: steps, window start, window end, beta, gamma (Muon); chosen, not in protocol.md: 350M's
-         # length and window (as 1B) and the batch, 2048 x 256
-    "60m": (2500, 750, 2000, 0.7, 0.99), "130m": (2500, 750, 2000, 0.7, 0.99),
-    "350m": (5000, 1500, 4000, 0.5, 0.99), "1b": (5000, 1500, 4000, 0.5, 0.999),
+# -- section 4: EMA-Nesterov, as the released scripts run it (llama/train_2500iters.sh, llama/train_1b.sh) --------
+EMA_SWEEP = {  # size: the batch sweep's (total batch in sequences of 256, Muon lr) pairs, in order
+    "60m": [(2048, 0.03), (4096, 0.0357), (8192, 0.0424), (16384, 0.0505)],
+    "130m": [(4096, 0.0424), (8192, 0.0505), (16384, 0.06), (32768, 0.0714)],
+    "350m": [(12288, 0.03), (24576, 0.0357), (49152, 0.0424), (98304, 0.0505)],
+    "1b": [(16384, 0.05)],
+}
+EMA = {  # size: steps, warmup (= decay) steps, lookahead warmup and rest, beta, gamma, eval_every
+    "60m": (2500, 250, 750, 500, 0.7, 0.99, 100), "130m": (2500, 250, 750, 500, 0.7, 0.99, 100),
+    "350m": (2500, 250, 750, 500, 0.5, 0.99, 100), "1b": (5000, 500, 1500, 1000, 0.5, 0.999, 250),
 }
 
 
@@ -119,7 +125,10 @@ def sgd_ll_table(row: str, size: str) -> dict:
            "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens, "trainer.global_batch_size": batch,
            "trainer.precision": "amp_bf16", "trainer.grad_clip": 0.0, "schedule.name": "cosine",
            "schedule.warmup_ratio": 0.1, "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": False,
-           "schedule.start_at_zero": True, "lookahead.name": "none"}  # the SGD-LL loop: first update at lr 0
+           "schedule.start_at_zero": True, "lookahead.name": "none",  # the SGD-LL loop: first update at lr 0
+           # the authors' scripts and train_llama.py (OptimAI-Lab/large_lr_sgd): --eval_in_fp32, a 100,000-document
+           # shuffle buffer for the training stream
+           "trainer.eval_precision": "fp32", "data.train.shuffle_buffer": 100_000}
     exp.update({"adam": {"optimizer.lr": adam_lr, "optimizer.weight_decay": 0.0},
                 "sgd": {"optimizer.lr": 0.5, "optimizer.momentum": 0.9, "optimizer.nesterov": False},
                 "sgd_ll": {"optimizer.lr": lr, "optimizer.momentum": 0.9, "optimizer.tau": tau,
@@ -127,21 +136,27 @@ def sgd_ll_table(row: str, size: str) -> dict:
     return exp
 
 
-def ema_nesterov(row: str, size: str) -> dict:
-    steps, start, end, beta, gamma = EMA[size]
-    if row == "adamw" and size in ("60m", "130m"):
-        beta, gamma = 0.5, 0.99             # the package README's AdamW setting; 0.7 is Muon's
-    exp = {**C4, "model.flavor": size, "optimizer.name": row, "lookahead.name": "ema_nesterov",
+def ema_nesterov(row: str, size: str, batch: int, lr: float) -> dict:
+    steps, warmup, look_warmup, look_rest, beta, gamma, eval_every = EMA[size]
+    exp = {**C4, "model.flavor": size, "optimizer.name": row, "optimizer.lr": lr, "lookahead.name": "ema_nesterov",
            "logger.wandb.group": "ema_nesterov",
-           "tags": ["table:ema_nesterov", f"row:{row}+ema_nesterov", f"size:{size}"],
-           "lookahead.beta": beta, "lookahead.gamma": gamma, "lookahead.start_step": start,
-           "lookahead.end_step": end, "lookahead.init": "first_update", "trainer.steps": steps,
-           "warmup": steps // 10, "tokens_b": round(steps * 2048 * 256 / 1e9, 1),
-           "trainer.global_batch_size": 2048, "trainer.precision": "amp_bf16", "trainer.grad_clip": 0.0,
-           "schedule.name": "wsd", "schedule.warmup_ratio": 0.1,
-           "schedule.decay_ratio": 0.1, "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": False}
-    if row == "adamw":                      # the package README: AdamW(1e-3, betas 0.9/0.95, wd 1e-3)
-        exp.update({"optimizer.lr": 1e-3, "optimizer.betas": [0.9, 0.95], "optimizer.weight_decay": 1e-3})
+           "tags": ["table:ema_nesterov", f"row:{row}+ema_nesterov", f"size:{size}", f"batch:{batch}"],
+           # on step t (0-based) when t + 1 > warmup and t < steps - rest: llmopt's [start_step, end_step)
+           "lookahead.beta": beta, "lookahead.gamma": gamma, "lookahead.start_step": look_warmup,
+           "lookahead.end_step": steps - look_rest, "lookahead.init": "zero", "trainer.steps": steps,
+           "warmup": warmup, "decay": warmup, "tokens_b": steps * batch * 256 / 1e9,
+           "trainer.global_batch_size": batch, "trainer.precision": "amp_bf16", "trainer.compile": True,
+           "trainer.eval_precision": "fp32", "trainer.eval_every": eval_every, "trainer.grad_clip": 0.0,
+           "schedule.name": "wsd", "schedule.decay_type": "exponential", "schedule.min_lr_ratio": 0.1,
+           "schedule.reference_quirks": False, "schedule.start_at_zero": True,
+           "data.train.shuffle_buffer": 100_000}
+    if row == "muon":   # adam_lr = the Muon lr; AdamW betas (0.9, 0.95), eps 1e-10; weight decay 0
+        exp.update({"optimizer.adam_lr": lr, "optimizer.momentum": 0.95, "optimizer.nesterov": True,
+                    "optimizer.ns_steps": 5, "optimizer.adjust_lr": "original", "optimizer.weight_decay": 0.0,
+                    "optimizer.adam_betas": [0.9, 0.95], "optimizer.adam_eps": 1e-10,
+                    "optimizer.adam_weight_decay": 0.0})
+    else:               # not in the scripts (Muon only): the Muon recipe, AdamW everywhere at the Muon lr
+        exp.update({"optimizer.betas": [0.9, 0.95], "optimizer.eps": 1e-10, "optimizer.weight_decay": 0.0})
     return exp
 
 
@@ -159,8 +174,9 @@ def expected() -> dict[str, dict]:
         for size in SGD_LL:
             table[f"sgd_ll_table/{row}_{size}"] = sgd_ll_table(row, size)
     for row in ["muon", "adamw"]:
-        for size in EMA:
-            table[f"ema_nesterov/{row}_{size}"] = ema_nesterov(row, size)
+        for size, sweep in EMA_SWEEP.items():
+            for batch, lr in sweep:
+                table[f"ema_nesterov/{row}_{size}_b{batch}"] = ema_nesterov(row, size, batch, lr)
     return table
 
 
@@ -180,7 +196,7 @@ def resolved(cfg, key: str):
 
 
 def test_every_experiment_has_an_expectation_and_every_expectation_a_file():
-    assert len(EXPERIMENTS) == 73
+    assert len(EXPERIMENTS) == 91
     assert TOP_LEVEL == ["mini_protocol"], "a new top-level experiment needs its own tests"
     assert set(EXPERIMENTS) == set(EXPECTED), (
         f"files without expectations: {sorted(set(EXPERIMENTS) - set(EXPECTED))}; "
@@ -192,15 +208,15 @@ def test_experiment_composes_with_protocol_values(hydra_configs, name):
     cfg = compose("train", overrides=[f"experiment={name}"])
     exp = EXPECTED[name]
     for key, value in exp.items():
-        if key in ("tags", "warmup", "tokens_b"):
+        if key in ("tags", "warmup", "decay", "tokens_b"):
             continue
         got = resolved(cfg, key)
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, f"{name}: {key}={got}"
 
     # W&B: the group is the table; the tags name table, row and size, then the run's own lr and seed
     tags = resolved(cfg, "logger.wandb.tags")
-    assert tags[:3] == exp["tags"]
-    assert tags[3:] == [f"lr:{resolved(cfg, 'optimizer.lr')}", f"seed:{cfg.seed}"]
+    assert tags[:len(exp["tags"])] == exp["tags"]
+    assert tags[len(exp["tags"]):] == [f"lr:{resolved(cfg, 'optimizer.lr')}", f"seed:{cfg.seed}"]
     assert cfg.seed == 42
     run_name = resolved(cfg, "run_name")
     assert run_name.startswith(name.split("/")[1].rsplit("_", 1)[0]) and "/" not in run_name
@@ -212,7 +228,7 @@ def test_experiment_composes_with_protocol_values(hydra_configs, name):
     param = torch.nn.Parameter(torch.zeros(1))
     schedule, _ = build_schedule(torch.optim.SGD([param], lr=1.0), steps=tcfg.steps,
                                  **OmegaConf.to_container(cfg.schedule, resolve=True))
-    assert schedule.warmup == exp["warmup"]
+    assert schedule.warmup == exp["warmup"] and schedule.decay == exp.get("decay", 0)
     assert schedule.num_updates == tcfg.steps + (1 if exp["schedule.reference_quirks"] else 0)
     assert (schedule.factor(0) == 0.0) == (exp["schedule.reference_quirks"] or exp.get("schedule.start_at_zero", False))
 
@@ -231,10 +247,14 @@ def test_choices_are_one_override_away(hydra_configs):
                                       "optimizer.adam_lr=${optimizer.lr}", "schedule.reference_quirks=false"])
     assert cfg.trainer.steps == 10000 and cfg.optimizer.adam_lr == pytest.approx(1e-3)
     assert cfg.schedule.reference_quirks is False
-    cfg = compose("train", overrides=["experiment=ema_nesterov/muon_60m", "lookahead=none", "lookahead.init=zero"])
+    cfg = compose("train", overrides=["experiment=ema_nesterov/muon_60m_b2048", "lookahead=none"])
     assert optimizer_kwargs(cfg)[2] is None          # the base run: no lookahead wrapper
     assert resolved(cfg, "logger.wandb.tags")[1] == "row:muon+none"
-    assert resolved(cfg, "run_name") == "muon_60m_none_lr0.02_seed42"
+    assert resolved(cfg, "run_name") == "muon_60m_b2048_none_lr0.03_seed42"
+    cfg = compose("train", overrides=["experiment=ema_nesterov/muon_60m_b2048", "optimizer.lr=0.02",
+                                      "trainer.loss_weighting=micro_batch_mean", "trainer.eval_precision=train"])
+    assert cfg.optimizer.adam_lr == pytest.approx(0.02)   # follows the Muon lr, as the scripts' --adam_lr
+    assert trainer_config(cfg).loss_weighting == "micro_batch_mean" and cfg.trainer.eval_precision == "train"
 
 
 def sweep_commands() -> list[list[str]]:
@@ -279,13 +299,14 @@ def test_documented_sweep_composes_every_value(hydra_configs, overrides):
     for job in covering(jobs):
         cfg = compose("train", overrides=list(job), return_hydra_config=True)
         values = dict(o.split("=", 1) for o in job)
-        table, row = values["experiment"].split("/")
+        table, name = values["experiment"].split("/")
+        row = re.sub(r"_b\d+$", "", name).rsplit("_", 1)[0]   # <row>_<size>[_b<batch>]
         tags = resolved(cfg, "logger.wandb.tags")
         assert tags[0] == f"table:{table}" and resolved(cfg, "logger.wandb.group") == table
         if "lookahead" in values:
-            assert tags[1] == f"row:{row.rsplit('_', 1)[0]}+{values['lookahead']}"
+            assert tags[1] == f"row:{row}+{values['lookahead']}"
         else:
-            assert tags[1] == f"row:{row.rsplit('_', 1)[0]}"
+            assert tags[1] == f"row:{row}"
         if "optimizer.lr" in values:
             assert cfg.optimizer.lr == pytest.approx(float(values["optimizer.lr"]))
             assert f"lr:{cfg.optimizer.lr}" in tags
@@ -315,10 +336,10 @@ def test_default_lookahead_window_is_the_papers_share_of_the_run(hydra_configs):
 
 def test_every_experiment_passes_the_trainers_key_checks(hydra_configs):
     """The trainer refuses unknown keys (a `+key` typo): no experiment file may hold one."""
-    from llmopt.train.run import check_config_keys, optimizer_kwargs, trainer_config
+    from llmopt.train.run import check_config_keys, optimizer_kwargs, schedule_from_config, trainer_config
 
     for name in EXPERIMENTS:
         cfg = compose("train", overrides=[f"experiment={name}"])
         check_config_keys(cfg)
-        trainer_config(cfg)
+        schedule_from_config(cfg, trainer_config(cfg).steps)
         optimizer_kwargs(cfg)

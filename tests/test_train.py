@@ -398,12 +398,65 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
     (["lookahead=ema_nesterov", "+lookahead.window=5"], r"unknown lookahead keys \['window'\]"),
     (["lookahead=ema_nesterov", "lookahead.start_step=400", "lookahead.end_step=null"],
      r"lookahead window .* is empty in a run of trainer.steps=300"),
+    (["trainer.eval_precision=fp23"], r"trainer.eval_precision must be one of \['train', 'fp32'\], got 'fp23'"),
+    (["schedule=wsd", "schedule.decay_type=exp"], r"unknown schedule.decay_type 'exp'"),
+    (["+schedule.decay_type=exponential"], r"schedule.decay_type is the wsd decay's shape; schedule=cosine has none"),
+    (["+schedule.decay_steps=5"], r"unknown schedule keys \['decay_steps'\]"),
 ])
-def test_bad_settings_refused_before_anything_is_built(tmp_path, args, message):
+def test_bad_settings_refused_before_anything_is_built(tmp_path, monkeypatch, args, message):
     """(The CLI turns these ValueErrors into one line and exit 2, as the test above shows.)"""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the settings were checked")
+    monkeypatch.setattr("llmopt.train.run.build_model", no_model)
     with pytest.raises(ValueError, match=message):
         run_in_process(tmp_path, args)
     assert not (tmp_path / "run").exists()
+
+
+def _hf_weights(run_dir):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(run_dir / "hf_model").state_dict()
+
+
+@pytest.mark.parametrize("precision", ["bf16_pure", "amp_bf16"])
+def test_fp32_evaluation_is_the_fp32_models_loss_of_the_same_weights(tmp_path, precision):
+    """trainer.eval_precision=fp32: the evaluation of a bf16_pure (amp_bf16) run equals the loss of its weights
+    in an fp32 model built as an fp32 run builds it, and differs from the evaluation in the training precision;
+    the evaluations (after every step) leave training exactly as it is without them."""
+    from omegaconf import OmegaConf
+
+    from llmopt.data import build_data
+    from llmopt.model import use_rotary_table
+    from llmopt.model.attention import use_attention
+    from llmopt.model.loss import CausalLMLoss
+
+    common = [*C4_SMALL, "trainer.steps=3", "trainer.eval_every=1", "optimizer=adamw", "optimizer.lr=3e-2",
+              f"trainer.precision={precision}", "checkpoint.final=false", "checkpoint.export_hf=true"]
+    fp32_eval, fp32_dir = run_in_process(tmp_path, [*common, "trainer.eval_precision=fp32"], "fp32")
+    train_eval, train_dir = run_in_process(tmp_path, [*common, "trainer.eval_precision=train"], "train")
+
+    trained = _hf_weights(fp32_dir)
+    for name, weight in _hf_weights(train_dir).items():   # bit for bit: the fp32 copy never wrote back
+        assert torch.equal(trained[name], weight), name
+    assert [r["train/loss"] for r in metrics(fp32_dir)] == [r["train/loss"] for r in metrics(train_dir)]
+    assert len([r for r in metrics(fp32_dir) if "eval/loss" in r]) == 3
+
+    cfg = compose_config(common)
+    model = build_model(llama_config("micro", vocab_size=32000, max_seq_len=2048), seed=0, dtype=torch.float32)
+    use_rotary_table(model)
+    use_attention(model, "sdpa")
+    model.load_state_dict(trained)            # upcast from the run's dtype
+    loss_model = CausalLMLoss(model, head="plain").eval()
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=4, rank=0, world_size=1,
+                      seed=cfg.seed)
+    try:
+        with torch.no_grad():
+            sums = [loss_model(b["input_ids"], b["labels"]) for b in data.eval_batches(4)]
+    finally:
+        data.close()
+    reference = sum(float(loss) for loss, _ in sums) / sum(int(count) for _, count in sums)
+    assert fp32_eval["eval/loss"] == pytest.approx(reference, rel=1e-7)
+    assert abs(train_eval["eval/loss"] - reference) > 1e-5     # the bf16 evaluation: another number (here ~5e-5)
 
 
 def test_tiny_model_learns_the_offline_corpus_towards_its_entropy(tmp_path):

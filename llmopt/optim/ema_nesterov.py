@@ -16,9 +16,10 @@ dtype, as the package's buffers (2 bytes fewer per parameter under pure bf16).
 beta_t = beta * lr_t / lr_peak inside [start_step, end_step) and 0 outside, where t counts completed
 steps, lr_t is the base's first group lr when pre_forward runs, and lr_peak its "initial_lr" (set by
 torch LR schedulers) or, without a scheduler, its lr at construction. m is updated on every step.
-init="zero" starts from m = 0 (the package); init="first_update" sets m_1 = x_1 - x_0 (the paper's
-code). gamma = 0 is classical Nesterov lookahead. `fused`: the momentum update after each step as one
-Triton kernel over all parameters (kernels.py); None uses it on CUDA, True insists, False uses foreach ops.
+init="zero" starts from m = 0 (the package and the authors' LLaMA code); init="first_update" sets
+m_1 = x_1 - x_0 (the authors' nanogpt code). gamma = 0 is classical Nesterov lookahead. `fused`: the
+momentum update after each step as one Triton kernel over all parameters (kernels.py); None uses it on
+CUDA, True insists, False uses foreach ops.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
 from llmopt.train.reproducible import deterministic_mode
 from llmopt.train.schedule import make_schedule
-from llmopt.train.trainer import Trainer, TrainerConfig
+from llmopt.train.trainer import Trainer, TrainerConfig, WeightCopy
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the sbatch templates requeue the job on it
 
@@ -141,19 +141,24 @@ def build_accelerator(precision: str, device: str):
     return accelerator
 
 
-def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision: str, device) -> None:
-    """Refuse a model too large for the device before allocating it."""
+def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision: str, device,
+                 fp32_eval_copy: bool = False) -> None:
+    """Refuse a model too large for the device before allocating it (`fp32_eval_copy`: plus an fp32 copy of the
+    weights for evaluation)."""
     from llmopt.metrics.throughput import device_memory_bytes
 
     need = estimate_train_bytes(counts, optimizer, "ema_nesterov" if lookahead else None, precision,
                                 (lookahead or {}).get("momentum_dtype", "float32"))
+    if need is not None and fp32_eval_copy:
+        need += 4 * counts["total"]
     have = device_memory_bytes(device)
     if need is not None and have is not None and need > 0.95 * have:
         raise MemoryError(
             f"weights + gradients + {optimizer} state need about {need / 1e9:.1f} GB in {precision} "
             f"before any activation ({counts['total'] / 1e6:.0f}M parameters), but the device has "
             f"{have / 1e9:.1f} GB. Use a smaller model flavor, trainer.precision=bf16_pure, a "
-            "lighter optimizer, or more devices.")
+            "lighter optimizer, or more devices." + (" (The fp32 evaluation copy of trainer.eval_precision=fp32 "
+                                                     "is included.)" if fp32_eval_copy else ""))
 
 
 class ModelCache:
@@ -165,16 +170,17 @@ class ModelCache:
         self._entries: dict[tuple, tuple] = {}
 
     def get(self, key: tuple, build):
-        """(model, loss_model) for `key`, from `build()` the first time and with the initial weights after."""
+        """What `build()` returns for `key`, a tuple (model, ...): built the first time, after that the same objects
+        with the model's initial weights back."""
         if key not in self._entries:
-            model, loss_model = build()
-            initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self._entries[key] = (model, loss_model, initial)
-            return model, loss_model
-        model, loss_model, initial = self._entries[key]
-        model.load_state_dict(initial)
-        model.zero_grad(set_to_none=True)
-        return model, loss_model
+            built = build()
+            initial = {k: v.detach().to("cpu", copy=True) for k, v in built[0].state_dict().items()}
+            self._entries[key] = (built, initial)
+            return built
+        built, initial = self._entries[key]
+        built[0].load_state_dict(initial)
+        built[0].zero_grad(set_to_none=True)
+        return built
 
 
 def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dict:
@@ -205,11 +211,17 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
         raise ValueError(f"optimizer {opt_name!r} needs whole rows or tensors, which FSDP shards; run it "
                          "with DDP (accelerate config configs/accelerate/ddp.yaml)")
+    # fp32 evaluation runs a module of its own beside the prepared one (see build()); FSDP's shards live in the latter
+    fp32_eval = tcfg.eval_precision == "fp32" and tcfg.precision != "fp32"
+    if accelerator.distributed_type == DistributedType.FSDP and fp32_eval:
+        raise ValueError(f"trainer.eval_precision=fp32 with trainer.precision={tcfg.precision} runs under DDP or on "
+                         "one device, not FSDP: use configs/accelerate/ddp.yaml, or trainer.eval_precision=train")
     model_config = llama_config(cfg.model.flavor, vocab_size=cfg.model.vocab_size,
                                 max_seq_len=max(2048, int(cfg.data.seq_len)),
                                 padding_idx=int(cfg.model.get("padding_idx", 0)))
     counts = param_counts(model_config)
-    check_memory(counts, opt_name, lookahead, tcfg.precision, accelerator.device)
+    check_memory(counts, opt_name, lookahead, tcfg.precision, accelerator.device,
+                 fp32_eval_copy=fp32_eval and tcfg.precision == "bf16_pure")
     data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=tcfg.micro_batch_size,
                       rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed)
     data.check_vocab(model_config.vocab_size)
@@ -222,11 +234,19 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     rotary_table = bool(cfg.trainer.get("rotary_table", True))
     attention = str(cfg.trainer.get("attention", "sdpa"))
 
-    def build():
-        model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=dtype)
+    def build_lm(weights_dtype):
+        model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=weights_dtype)
         if rotary_table:
             use_rotary_table(model)
         use_attention(model, attention)
+        return model
+
+    def loss_module(lm):
+        loss_model = CausalLMLoss(lm, head=loss_head)
+        return torch.compile(loss_model, options=compile_options or None) if cfg.trainer.compile else loss_model
+
+    def build():
+        model = build_lm(dtype)
         if deterministic:  # compiled, the embedding's ordered gradient is otherwise slow on real text
             use_ordered_embedding(model)
         if checkpoint_activations:
@@ -236,20 +256,25 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                 model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        loss_model = CausalLMLoss(model, head=loss_head)
-        if cfg.trainer.compile:
-            loss_model = torch.compile(loss_model, options=compile_options or None)
-        return model, accelerator.prepare_model(loss_model)
+        loss_model = accelerator.prepare_model(loss_module(model))
+        eval_model, eval_weights = loss_model, None
+        if fp32_eval and tcfg.precision == "amp_bf16":
+            # the same fp32 weights through a module Accelerate has not wrapped: its forward would autocast
+            eval_model = loss_module(model)
+        elif fp32_eval:  # bf16_pure: an fp32 model, given the training weights before each evaluation
+            eval_lm = build_lm(torch.float32)
+            eval_model, eval_weights = loss_module(eval_lm), WeightCopy(model, eval_lm)
+        return model, loss_model, eval_model, eval_weights
 
     if models is None:
-        model, loss_model = build()
+        model, loss_model, eval_model, eval_weights = build()
     else:
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings,
                model_config.pad_token_id, cfg.seed,
                tcfg.precision, bool(cfg.trainer.compile), tuple(sorted(compile_options.items())),
                checkpoint_activations, loss_head, rotary_table, attention, str(accelerator.device),
-               accelerator.num_processes, deterministic)
-        model, loss_model = models.get(key, build)
+               accelerator.num_processes, deterministic, tcfg.eval_precision)
+        model, loss_model, eval_model, eval_weights = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     scheduler = schedule.lr_scheduler(optimizer)
     prepared_optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
@@ -275,7 +300,8 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                       seq_len=int(cfg.data.seq_len),
                       flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
                       peak_flops=_peak(accelerator.device), extra_metrics=fixed, diagnostics=diagnostics,
-                      checkpointer=checkpointer, stop_requested=stop_signal.requested)
+                      checkpointer=checkpointer, stop_requested=stop_signal.requested,
+                      eval_model=eval_model, eval_weights=eval_weights)
     if resume_from is not None:
         checkpointer.load(trainer, resume_from)
     start_step = trainer.step
@@ -327,7 +353,9 @@ def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tup
 
 # what a resumed run must share with the run that wrote the checkpoint (the rest: throughput, logging, I/O)
 IDENTITY_SECTIONS = ("seed", "model", "optimizer", "lookahead", "schedule")
-IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip", "loss_weighting"),
+# (eval_precision: one run's evaluations are all in one precision)
+IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip", "loss_weighting",
+                             "eval_precision"),
                  "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train")}
 
 

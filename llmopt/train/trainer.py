@@ -24,6 +24,9 @@ from llmopt.metrics.throughput import peak_memory_bytes
 from llmopt.optim.memory import state_bytes
 
 PRECISIONS = ("bf16_pure", "amp_bf16", "fp32")
+# how evaluation runs: as training does (its autocast, its weights), or in fp32 without autocast (the SGD-LL and
+# EMA-Nesterov scripts' --eval_in_fp32; under bf16_pure on an fp32 copy of the weights)
+EVAL_PRECISIONS = ("train", "fp32")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -61,6 +64,7 @@ class TrainerConfig:
     log_every: int = 10
     nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
     loss_weighting: str = "tokens"   # tokens | micro_batch_mean (the reference loop's averaging)
+    eval_precision: str = "train"    # train (the training autocast) | fp32 (no autocast, fp32 weights)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -76,6 +80,9 @@ class TrainerConfig:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"trainer.loss_weighting must be one of {list(LOSS_WEIGHTINGS)}, got "
                              f"{self.loss_weighting!r}")
+        if self.eval_precision not in EVAL_PRECISIONS:
+            raise ValueError(f"trainer.eval_precision must be one of {list(EVAL_PRECISIONS)}, got "
+                             f"{self.eval_precision!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
@@ -105,14 +112,34 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class WeightCopy:
+    """The training model's weights copied (upcast) into another model of the same architecture, e.g. an fp32 model
+    that evaluates a bf16 one: `refresh()` before each evaluation. The training weights are only read."""
+
+    def __init__(self, source: torch.nn.Module, target: torch.nn.Module):
+        sources, targets = dict(source.named_parameters()), dict(target.named_parameters())
+        if sources.keys() != targets.keys():
+            raise ValueError("WeightCopy: the two models have different parameters")
+        self.sources = list(sources.values())
+        self.targets = [targets[name] for name in sources]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        torch._foreach_copy_(self.targets, self.sources)  # on the device, no host sync
+
+
 class Trainer:
     """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract. `loggers` may be
-    set after construction (run() starts them once a checkpoint to resume has loaded)."""
+    set after construction (run() starts them once a checkpoint to resume has loaded). `eval_model`: the CausalLMLoss
+    evaluations run (default `model`); `eval_weights`: a WeightCopy into it, refreshed before each evaluation."""
 
     def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
                  loggers, seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
-                 extra_metrics: dict | None = None, diagnostics=None, checkpointer=None, stop_requested=None):
+                 extra_metrics: dict | None = None, diagnostics=None, checkpointer=None, stop_requested=None,
+                 eval_model=None, eval_weights: WeightCopy | None = None):
         self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
+        self.eval_model = model if eval_model is None else eval_model
+        self.eval_weights = eval_weights
         self.data, self.accelerator, self.config, self.loggers = data, accelerator, config, loggers
         self.seq_len = seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
@@ -224,7 +251,10 @@ class Trainer:
     def evaluate(self) -> dict:
         """Every held-out set: the validation set as eval/..., each of data.extra_eval as eval/<name>/...;
         perf/eval_s: the seconds the passes took (tokenizing a set on first use excluded)."""
+        if self.eval_weights is not None:
+            self.eval_weights.refresh()
         self.model.eval()
+        self.eval_model.eval()
         for name in (None, *self.data.extra_eval_names):
             self.data.held_out_set(name)  # tokenized on first use: not part of the timed passes
         started = time.perf_counter()
@@ -245,10 +275,12 @@ class Trainer:
         sums = torch.zeros(3, device=acc.device, dtype=torch.float64)  # loss sum, tokens, sum of batch means
         batches = 0
         batch_size = self.config.eval_batch(acc.num_processes)
+        # fp32: no autocast (eval_model is then not wrapped by Accelerate, whose forward would apply its own)
+        autocast = acc.autocast if self.config.eval_precision == "train" else contextlib.nullcontext
         for batch in self.data.eval_batches(batch_size, name):
             batch = to_device(batch, acc.device)
-            with acc.autocast():
-                loss_sum, count = self.model(batch["input_ids"], batch["labels"])
+            with autocast():
+                loss_sum, count = self.eval_model(batch["input_ids"], batch["labels"])
             loss_sum, count = loss_sum.double(), count.double()
             sums += torch.stack([loss_sum, count, loss_sum / count.clamp_min(1)])
             batches += 1
