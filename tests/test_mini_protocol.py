@@ -322,7 +322,7 @@ def test_model_cache_reuses_the_model_with_its_initial_weights(cache_runs):
     assert second["model"] is first["model"] and second["loss_model"] is first["loss_model"]
     assert len(spy.cache._entries) == 1
     # the first run moved the weights: without the reset the second run would start from them
-    initial = spy.cache._entries[first["key"]][2]
+    initial = spy.cache._entries[first["key"]][1]   # (what build() returned, the initial weights)
     moved = [k for k in initial if not torch.equal(first["trained"][k].cpu(), initial[k])]
     assert moved and "model.embed_tokens.weight" in moved
 
