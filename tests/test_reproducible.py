@@ -160,7 +160,7 @@ def test_deterministic_run_trains_exactly_as_the_default_on_cpu(tmp_path, monkey
     cfg = compose_config([f"checkpoint.dir={tmp_path / 'ckpt'}", *base, "trainer.deterministic=true"])
     run(cfg, tmp_path / "deterministic", models=models)
     assert seen == [False, True] and not torch.are_deterministic_algorithms_enabled()
-    (model, _, _), = models._entries.values()
+    ((model, *_), _), = models._entries.values()   # (what build() returned, the initial weights)
     assert type(model.get_input_embeddings()) is OrderedEmbedding
     losses = [[r["train/loss"] for r in metrics(d) if "train/loss" in r] for d in (default_dir,
                                                                                    tmp_path / "deterministic")]
