@@ -161,7 +161,7 @@ def test_loss_heads_refused_where_they_cannot_run(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_table_gives_transformers_outputs_and_gradients_bit_for_bit(dtype, device):
-    # a bf16 model holds a bf16-rounded inv_freq, which transformers then uses: the table must too
+    # build_model keeps RoPE's frequencies in fp32 in a bf16 model, and transformers' module uses them: so does the table
     config = llama_config("micro")
     reference = build_model(config, seed=1, dtype=dtype, device=device)
     tabled = use_rotary_table(build_model(config, seed=1, dtype=dtype, device=device))
@@ -181,6 +181,42 @@ def test_rotary_table_gives_transformers_outputs_and_gradients_bit_for_bit(dtype
     # the tables are not state: checkpoints and exported models are transformers' own
     assert reference.state_dict().keys() == tabled.state_dict().keys()
     assert use_rotary_table(tabled).model.rotary_emb is tabled.model.rotary_emb  # applied once
+
+
+def _fp32_rope_tables(head_dim: int, positions: int, rounded_frequencies: bool = False):
+    """cos/sin as the papers' modeling file caches them: 1 / 10000^(2i/d) and the angles in fp32 (with
+    `rounded_frequencies`, from bf16-rounded frequencies instead, as a model cast with .to(bfloat16) has them)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rounded_frequencies:
+        inv_freq = inv_freq.bfloat16().float()
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("rotary_table", [True, False])
+def test_rope_in_bf16_is_the_fp32_table_rounded_to_bf16(rotary_table):
+    """In a bf16 model (trainer.precision=bf16_pure) both RoPE paths hand attention the fp32 cos/sin rounded to bf16,
+    as the papers' code does, not the cos/sin of bf16-rounded frequencies (transformers' module after .to(bf16))."""
+    config = llama_config("tiny", max_seq_len=256)
+    model = build_model(config, seed=0, dtype=torch.bfloat16)
+    if rotary_table:
+        use_rotary_table(model)
+    assert isinstance(model.model.rotary_emb, RotaryTable) == rotary_table
+    x = torch.zeros(1, 256, config.hidden_size, dtype=torch.bfloat16)
+    cos, sin = model.model.rotary_emb(x, torch.arange(256)[None])
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    head_dim = config.hidden_size // config.num_attention_heads
+    fp32_cos, fp32_sin = _fp32_rope_tables(head_dim, 256)
+    assert torch.equal(cos[0], fp32_cos.bfloat16()) and torch.equal(sin[0], fp32_sin.bfloat16())
+    rounded_cos, rounded_sin = _fp32_rope_tables(head_dim, 256, rounded_frequencies=True)
+    assert not torch.equal(cos[0], rounded_cos.bfloat16()) and not torch.equal(sin[0], rounded_sin.bfloat16())
+
+
+def test_rotary_table_refuses_rounded_frequencies():
+    model = build_model(llama_config("micro")).to(torch.bfloat16)  # .to() rounds inv_freq: not the papers' RoPE
+    with pytest.raises(ValueError, match="inv_freq is torch.bfloat16.*cast_model"):
+        use_rotary_table(model)
 
 
 def test_rotary_table_leaves_scaled_rope_types_to_transformers():
