@@ -181,7 +181,8 @@ def test_loss_dtype_logits_is_cross_entropy_on_the_bf16_logits():
     assert abs(loss_sum - fp32_sum) > 1e-5 * fp32_sum  # well beyond an fp32 sum's rounding
     amp_model = build_model(config, seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sums = [CausalLMLoss(amp_model, head="plain", loss_dtype=d)(input_ids, labels)[0] for d in ("logits", "float32")]
+        sums = [CausalLMLoss(amp_model, head="plain", loss_dtype=dtype)(input_ids, labels)[0]
+                for dtype in ("logits", "float32")]
     assert torch.equal(sums[0], sums[1])
 
 
@@ -198,7 +199,7 @@ def test_loss_dtype_refused_unknown_or_with_an_fp32_softmax_head():
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_table_gives_transformers_outputs_and_gradients_bit_for_bit(dtype, device):
-    # build_model keeps RoPE's frequencies in fp32 in a bf16 model, and transformers' module uses them: so does the table
+    # build_model keeps RoPE's frequencies in fp32 in a bf16 model; transformers' module uses them, so does the table
     config = llama_config("micro")
     reference = build_model(config, seed=1, dtype=dtype, device=device)
     tabled = use_rotary_table(build_model(config, seed=1, dtype=dtype, device=device))
