@@ -9,7 +9,9 @@ code (transformers LlamaForCausalLM, eager, pure bf16, torch AdamW, random token
 A case is flavor:optimizer:precision, optionally followed by flags (CASE_FLAGS: packed, plain_ce / chunked_ce =
 another loss head than the default one_pass, ckpt = activation checkpointing, eager = no compile, hf_rotary =
 transformers' rotary module instead of llmopt's table, hf_attention = transformers' own attention masks,
-deterministic = trainer.deterministic (GPU runs that repeat bit for bit), eval10m =
+deterministic = trainer.deterministic (GPU runs that repeat bit for bit), bf16_ce = the papers' cross-entropy on
+the bf16 logits (trainer.loss_dtype=logits, the plain head), math_sdpa / math_bf16_sdpa = SDPA's math kernel only
+(trainer.sdpa_backend; math_bf16 as the papers' torch 2.4 computed it), eval10m =
 time the evaluation of 10M held-out tokens), mb=N (the micro-batch), accum=N (micro-batches per optimizer step,
 default 2; the papers' 512 sequences are e.g. 2 x 256 at 60M/130M, 4 x 128 at 350M, 8 x 64 at 1B) and Hydra
 overrides (group.key=value, e.g. optimizer.lr=1e-4). A run that fails (e.g. refused by the trainer's memory check)
@@ -55,6 +57,9 @@ CASE_FLAGS = {  # optional words after flavor:optimizer:precision, each a set of
     "hf_rotary": ["trainer.rotary_table=false"],  # transformers' rotary module (cos/sin recomputed in each layer)
     "hf_attention": ["trainer.attention=transformers"],  # transformers' masks (compiled: a mask tensor, no is_causal)
     "deterministic": ["trainer.deterministic=true"],  # runs that repeat bit for bit (llmopt.train.reproducible)
+    "bf16_ce": ["trainer.loss_dtype=logits"],        # the papers' F.cross_entropy on the logits' dtype (plain head)
+    "math_sdpa": ["trainer.sdpa_backend=math"],      # SDPA's math kernel (fp32 inside), no flash / cuDNN
+    "math_bf16_sdpa": ["trainer.sdpa_backend=math_bf16"],  # the math kernel in bf16, as the papers' torch 2.4
     # the evaluation pass on 10M held-out tokens (two Wikipedia shards, packed), run twice; the second is timed
     "eval10m": ["data.mode=packed", "data.eval.files=[enwiki/enwiki-01.jsonl.xz,enwiki/enwiki-02.jsonl.xz]",
                 "data.eval_tokens=10000000", "trainer.eval_batch_size=256"],

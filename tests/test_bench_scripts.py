@@ -34,6 +34,8 @@ def test_bench_train_case_flags_become_overrides():
     assert chunked[-1] == "trainer.loss_head=chunked"
     assert bench_train.case_overrides("60m:scale:bf16_pure:deterministic", "/d", 10, True)[-1] == \
         "trainer.deterministic=true"
+    papers_numerics = bench_train.case_overrides("60m:scale:bf16_pure:bf16_ce:math_bf16_sdpa", "/d", 10, True)
+    assert papers_numerics[-2:] == ["trainer.loss_dtype=logits", "trainer.sdpa_backend=math_bf16"]
     paper_batch = bench_train.case_overrides("1b:adamw:bf16_pure:mb=32:accum=16", "/d", 10, True)
     assert "trainer.micro_batch_size=32" in paper_batch and "trainer.global_batch_size=512" in paper_batch
     with pytest.raises(ValueError, match="unknown case flag 'fast'.*mb=N, accum=N or a Hydra override"):

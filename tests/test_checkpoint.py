@@ -307,3 +307,44 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_loadable(tmp_pat
     resumed = run_cli([*args, "run_name=after"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {latest}" in resumed.stdout + resumed.stderr
+
+
+def _hf_eval_loss(model, data, batch_size: int, autocast: bool = False) -> float:
+    """Token-weighted loss of a plain transformers model over the run's validation batches (its logits, then
+    F.cross_entropy summed in fp32 per batch, as the trainer sums; no attention mask: right padding is causal)."""
+    import torch.nn.functional as F
+    total, tokens = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for batch in data.eval_batches(batch_size):
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:].flatten()
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum").double().item()
+            tokens += int((targets != -100).sum())
+    return total / tokens
+
+
+@pytest.mark.parametrize("precision", ["bf16_pure", "fp32", "amp_bf16"])
+def test_exported_model_in_plain_transformers_gives_the_runs_evaluation_loss(tmp_path, precision):
+    """checkpoint.export_hf loaded by LlamaForCausalLM.from_pretrained in the run's dtype evaluates to the run's own
+    final eval/loss exactly. In bf16 that needs RoPE's frequencies in fp32 on both sides: the recipe of loading and
+    then calling .to(torch.bfloat16) rounds them and gives another loss."""
+    from omegaconf import OmegaConf
+    from transformers import LlamaForCausalLM
+
+    from llmopt.data import build_data
+    from tests.train_helpers import compose_config
+
+    overrides = [*C4_SMALL, "trainer.steps=3", "checkpoint.export_hf=true", f"trainer.precision={precision}",
+                 "optimizer=adamw", "optimizer.lr=3e-3"]
+    summary, run_dir = run_in_process(tmp_path, overrides)
+    cfg = compose_config(overrides)
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=cfg.trainer.micro_batch_size)
+    dtype = torch.bfloat16 if precision == "bf16_pure" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(run_dir / "hf_model", dtype=dtype)
+    assert model.dtype == dtype and model.model.rotary_emb.inv_freq.dtype == torch.float32
+    loss = _hf_eval_loss(model, data, cfg.trainer.micro_batch_size, autocast=precision == "amp_bf16")
+    assert loss == summary["eval/loss"]
+    if precision == "bf16_pure":
+        rounded = LlamaForCausalLM.from_pretrained(run_dir / "hf_model", dtype=torch.float32).to(torch.bfloat16)
+        assert rounded.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+        assert _hf_eval_loss(rounded, data, cfg.trainer.micro_batch_size) != summary["eval/loss"]

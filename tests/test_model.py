@@ -158,10 +158,48 @@ def test_loss_heads_refused_where_they_cannot_run(monkeypatch):
         linear_cross_entropy(torch.zeros(2, 4).double(), torch.zeros(3, 4).double(), torch.zeros(2).long())
 
 
+def test_loss_dtype_logits_is_cross_entropy_on_the_bf16_logits():
+    """trainer.loss_dtype=logits: each token's loss from F.cross_entropy on the bf16 logits, as the papers' modeling
+    file computes it (its mean over non-ignored tokens is loss_sum / count), summed in fp32; the float32 default
+    differs. Under autocast torch takes the cross-entropy in fp32 either way."""
+    import torch.nn.functional as F
+    config = llama_config("tiny")
+    model = build_model(config, seed=1, dtype=torch.bfloat16)
+    input_ids = torch.randint(2, config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[0, 30:] = -100
+    loss_sum, count = CausalLMLoss(model, head="plain", loss_dtype="logits")(input_ids, labels)
+    logits = model(input_ids=input_ids).logits[:, :-1].flatten(0, 1)
+    targets = labels[:, 1:].flatten()
+    assert logits.dtype == torch.bfloat16 and count == (targets != -100).sum()
+    per_token = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    assert per_token.dtype == torch.bfloat16
+    assert loss_sum.dtype == torch.float32 and torch.equal(loss_sum, per_token.float().sum())
+    assert (loss_sum / count).bfloat16() == F.cross_entropy(logits, targets, ignore_index=-100)  # the papers' mean
+    fp32_sum, _ = CausalLMLoss(model, head="plain")(input_ids, labels)
+    assert torch.equal(fp32_sum, F.cross_entropy(logits.float(), targets, reduction="sum"))
+    assert abs(loss_sum - fp32_sum) > 1e-5 * fp32_sum  # well beyond an fp32 sum's rounding
+    amp_model = build_model(config, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = [CausalLMLoss(amp_model, head="plain", loss_dtype=dtype)(input_ids, labels)[0]
+                for dtype in ("logits", "float32")]
+    assert torch.equal(sums[0], sums[1])
+
+
+def test_loss_dtype_refused_unknown_or_with_an_fp32_softmax_head():
+    model = build_model(llama_config("micro"))
+    with pytest.raises(ValueError, match=r"unknown trainer.loss_dtype 'bf16'.*\['float32', 'logits'\]"):
+        CausalLMLoss(model, loss_dtype="bf16")
+    for head in ("one_pass", "chunked"):
+        with pytest.raises(ValueError, match=f"loss_dtype=logits.*loss_head={head} takes the softmax in fp32"):
+            CausalLMLoss(model, head=head, loss_dtype="logits")
+    assert CausalLMLoss(model, head="auto", loss_dtype="logits").head == "plain"
+
+
 @pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_table_gives_transformers_outputs_and_gradients_bit_for_bit(dtype, device):
-    # a bf16 model holds a bf16-rounded inv_freq, which transformers then uses: the table must too
+    # build_model keeps RoPE's frequencies in fp32 in a bf16 model; transformers' module uses them, so does the table
     config = llama_config("micro")
     reference = build_model(config, seed=1, dtype=dtype, device=device)
     tabled = use_rotary_table(build_model(config, seed=1, dtype=dtype, device=device))
@@ -181,6 +219,42 @@ def test_rotary_table_gives_transformers_outputs_and_gradients_bit_for_bit(dtype
     # the tables are not state: checkpoints and exported models are transformers' own
     assert reference.state_dict().keys() == tabled.state_dict().keys()
     assert use_rotary_table(tabled).model.rotary_emb is tabled.model.rotary_emb  # applied once
+
+
+def _fp32_rope_tables(head_dim: int, positions: int, rounded_frequencies: bool = False):
+    """cos/sin as the papers' modeling file caches them: 1 / 10000^(2i/d) and the angles in fp32 (with
+    `rounded_frequencies`, from bf16-rounded frequencies instead, as a model cast with .to(bfloat16) has them)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rounded_frequencies:
+        inv_freq = inv_freq.bfloat16().float()
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("rotary_table", [True, False])
+def test_rope_in_bf16_is_the_fp32_table_rounded_to_bf16(rotary_table):
+    """In a bf16 model (trainer.precision=bf16_pure) both RoPE paths hand attention the fp32 cos/sin rounded to bf16,
+    as the papers' code does, not the cos/sin of bf16-rounded frequencies (transformers' module after .to(bf16))."""
+    config = llama_config("tiny", max_seq_len=256)
+    model = build_model(config, seed=0, dtype=torch.bfloat16)
+    if rotary_table:
+        use_rotary_table(model)
+    assert isinstance(model.model.rotary_emb, RotaryTable) == rotary_table
+    x = torch.zeros(1, 256, config.hidden_size, dtype=torch.bfloat16)
+    cos, sin = model.model.rotary_emb(x, torch.arange(256)[None])
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    head_dim = config.hidden_size // config.num_attention_heads
+    fp32_cos, fp32_sin = _fp32_rope_tables(head_dim, 256)
+    assert torch.equal(cos[0], fp32_cos.bfloat16()) and torch.equal(sin[0], fp32_sin.bfloat16())
+    rounded_cos, rounded_sin = _fp32_rope_tables(head_dim, 256, rounded_frequencies=True)
+    assert not torch.equal(cos[0], rounded_cos.bfloat16()) and not torch.equal(sin[0], rounded_sin.bfloat16())
+
+
+def test_rotary_table_refuses_rounded_frequencies():
+    model = build_model(llama_config("micro")).to(torch.bfloat16)  # .to() rounds inv_freq: not the papers' RoPE
+    with pytest.raises(ValueError, match="inv_freq is torch.bfloat16.*cast_model"):
+        use_rotary_table(model)
 
 
 def test_rotary_table_leaves_scaled_rope_types_to_transformers():
@@ -253,3 +327,90 @@ def test_sdpa_attention_gives_transformers_outputs_and_gradients():
 def test_unknown_attention_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"unknown attention 'flash' \(trainer.attention\).*'sdpa', 'transformers'"):
         use_attention(build_model(llama_config("micro")), "flash")
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the aten ops run inside the block (eager)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _compiled_aten_ops(loss_model, input_ids) -> set:
+    """The aten ops of the forward and backward graphs torch.compile traces for `loss_model` (AOTAutograd, as
+    inductor receives them)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    names = set()
+
+    def record(graph_module, example_inputs):
+        names.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    loss_sum, _ = torch.compile(loss_model, backend=aot_autograd(fw_compiler=record, bw_compiler=record))(
+        input_ids, input_ids)
+    loss_sum.backward()
+    return names
+
+
+def test_sdpa_backend_math_replaces_the_fused_kernel_eager_and_compiled():
+    """On the CPU torch's own choice (auto) is its fused flash kernel; trainer.sdpa_backend=math runs the math
+    kernel instead, eager and in the graphs torch.compile traces, for the same loss up to rounding."""
+    from llmopt.model.attention import sdpa_backend
+    config = llama_config("tiny", vocab_size=300)
+    input_ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    fused = "_scaled_dot_product_flash_attention_for_cpu"
+    losses = {}
+    for backend in ("auto", "math"):
+        loss_model = CausalLMLoss(use_attention(build_model(config, seed=1), "sdpa"), head="plain")
+        with sdpa_backend(backend):
+            with _AtenOps() as ops:
+                losses[backend], _ = loss_model(input_ids, input_ids)
+                losses[backend].backward()
+            compiled = _compiled_aten_ops(loss_model, input_ids)
+        assert (fused in ops.names) == (backend == "auto"), backend
+        assert any(fused in name for name in compiled) == (backend == "auto"), backend
+    torch.testing.assert_close(losses["math"], losses["auto"], rtol=1e-6, atol=0)
+
+
+def test_sdpa_backend_math_bf16_reduces_in_bf16_and_puts_torchs_choice_back():
+    """math: torch's math kernel, which computes bf16 inputs in fp32 (torch >= 2.5); math_bf16: the same kernel with
+    bf16 intermediates, as torch 2.4's math kernel (the papers' environment) computed them."""
+    from llmopt.model.attention import sdpa_backend
+    g = torch.Generator().manual_seed(0)
+    q, k, v = [(torch.randn(2, 4, 64, 16, generator=g) * 2).bfloat16() for _ in range(3)]
+    attend = lambda *t: torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True)  # noqa: E731
+    scores = (q @ k.transpose(-1, -2)) * 16 ** -0.5 + torch.full((64, 64), float("-inf")).triu(1).bfloat16()
+    in_bf16 = scores.softmax(-1) @ v  # every intermediate rounded to bf16
+    with sdpa_backend("math"):
+        math = attend(q, k, v)
+    with sdpa_backend("math_bf16"):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        math_bf16 = attend(q, k, v)
+    assert torch.equal(math, attend(q.float(), k.float(), v.float()).bfloat16())
+    assert torch.equal(math_bf16, in_bf16) and not torch.equal(math_bf16, math)
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+
+
+def test_sdpa_backend_refused_where_it_cannot_run():
+    from llmopt.model.attention import check_sdpa_backend, sdpa_backend
+    with pytest.raises(ValueError, match=r"unknown trainer.sdpa_backend 'fa3'"):
+        with sdpa_backend("fa3"):
+            pass
+    with pytest.raises(ValueError, match="contradicts trainer.deterministic=true"):
+        check_sdpa_backend("cudnn", deterministic=True)
+    for backend in ("efficient", "cudnn"):
+        with pytest.raises(ValueError, match=f"sdpa_backend={backend} runs on CUDA only"):
+            check_sdpa_backend(backend, deterministic=False, device_type="cpu")
+    for backend in ("flash", "cudnn"):
+        with pytest.raises(ValueError, match=f"sdpa_backend={backend} takes bf16/fp16 inputs only"):
+            check_sdpa_backend(backend, deterministic=False, device_type="cuda", precision="fp32")
+    for backend in ("auto", "math", "math_bf16", "flash", "efficient"):  # deterministic kernels, or torch's choice
+        check_sdpa_backend(backend, deterministic=True, device_type="cuda", precision="bf16_pure")
+    check_sdpa_backend("flash", deterministic=False, device_type="cpu", precision="fp32")  # the CPU's flash kernel

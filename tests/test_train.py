@@ -282,6 +282,28 @@ def test_attention_choices_train_alike(tmp_path):
         torch.testing.assert_close(params["sdpa"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_sdpa_backend_holds_in_every_attention_call_of_a_run(tmp_path, monkeypatch):
+    """trainer.sdpa_backend=math_bf16: inside each attention call of the run, training and evaluation alike, SDPA may
+    only take the math kernel, reducing in bf16; torch's own choice is back after the run."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
+    seen = []
+    original = hf_sdpa.sdpa_attention_forward
+
+    def spy(*args, **kwargs):
+        backends = torch.backends.cuda
+        seen.append((torch.is_grad_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(),
+                     backends.cudnn_sdp_enabled(), backends.math_sdp_enabled(),
+                     backends.fp16_bf16_reduction_math_sdp_allowed()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward", spy)
+    run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=2", "trainer.precision=bf16_pure",
+                              "trainer.sdpa_backend=math_bf16"])
+    assert {grad for grad, *_ in seen} == {True, False}  # training and evaluation passes
+    assert {tuple(flags) for _, *flags in seen} == {(False, False, False, True, True)}
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+
+
 def test_rotary_table_trains_exactly_as_transformers_rotary_module(tmp_path, monkeypatch):
     """trainer.rotary_table=true (the default) never calls transformers' rotary module, and 2 AdamW steps give
     the same losses and parameters, bit for bit, as the run with it."""
@@ -402,6 +424,13 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
     (["schedule=wsd", "schedule.decay_type=exp"], r"unknown schedule.decay_type 'exp'"),
     (["+schedule.decay_type=exponential"], r"schedule.decay_type is the wsd decay's shape; schedule=cosine has none"),
     (["+schedule.decay_steps=5"], r"unknown schedule keys \['decay_steps'\]"),
+    (["trainer.loss_dtype=bf16"], r"unknown trainer.loss_dtype 'bf16'; choose one of \['float32', 'logits'\]"),
+    (["trainer.loss_dtype=logits", "trainer.loss_head=one_pass"],
+     r"loss_dtype=logits .*trainer.loss_head=one_pass takes the softmax in fp32"),
+    (["trainer.sdpa_backend=flash3"], r"unknown trainer.sdpa_backend 'flash3'; choose one of \['auto', 'math'"),
+    (["trainer.sdpa_backend=cudnn", "trainer.deterministic=true"],
+     r"sdpa_backend=cudnn contradicts trainer.deterministic=true"),
+    (["trainer.sdpa_backend=efficient", "trainer.device=cpu"], r"sdpa_backend=efficient runs on CUDA only"),
 ])
 def test_bad_settings_refused_before_anything_is_built(tmp_path, monkeypatch, args, message):
     """(The CLI turns these ValueErrors into one line and exit 2, as the test above shows.)"""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llmopt.model.rotary import cast_model
+
 
 @dataclass(frozen=True)
 class Flavor:
@@ -66,12 +68,13 @@ def llama_config(flavor: str, vocab_size: int | None = None, max_seq_len: int = 
 
 def build_model(config: LlamaConfig, seed: int = 0, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A freshly initialized LlamaForCausalLM; the same seed gives the same weights."""
+    """A freshly initialized LlamaForCausalLM; the same seed gives the same weights. Initialized in fp32, then cast
+    to `dtype` with RoPE's frequencies kept in fp32 (llmopt.model.rotary: as the papers' code computes them)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
             model = LlamaForCausalLM(config)
-    return model.to(dtype=dtype)
+    return cast_model(model, dtype)
 
 
 def param_counts(config: LlamaConfig) -> dict[str, int]:

@@ -209,7 +209,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def export_hf(model, directory: str | Path) -> Path:
-    """The model as a Hugging Face directory that LlamaForCausalLM.from_pretrained loads."""
+    """The model as a Hugging Face directory, in the run's dtype. Loaded by `LlamaForCausalLM.from_pretrained(
+    directory)` (the saved dtype; or `dtype=torch.bfloat16` / `torch.float32` as the run's precision has it, an
+    amp_bf16 run's fp32 weights evaluated under torch.autocast(bfloat16)), it gives llmopt's own evaluation loss of
+    the final weights: transformers computes RoPE's frequencies in fp32, as llmopt does (llmopt.model.rotary).
+    Calling `.to(torch.bfloat16)` after loading rounds those frequencies to bf16 and changes the outputs: ask for
+    bf16 with `dtype=` instead."""
     directory = Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
     return directory

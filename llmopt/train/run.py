@@ -19,9 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
-from llmopt.model.attention import check_attention, use_attention
+from llmopt.model.attention import check_attention, check_sdpa_backend, sdpa_backend, use_attention
 from llmopt.model.embedding import use_ordered_embedding
-from llmopt.model.loss import CausalLMLoss
+from llmopt.model.loss import CausalLMLoss, check_loss
 from llmopt.optim import EMANesterov, build_optimizer, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
@@ -37,8 +37,8 @@ log = logging.getLogger("llmopt")
 # SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
 # would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
 NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
-TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpointing", "loss_head",
-                     "rotary_table", "attention", "deterministic")
+TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpointing", "loss_head", "loss_dtype",
+                     "rotary_table", "attention", "sdpa_backend", "deterministic")
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -186,11 +186,14 @@ class ModelCache:
 def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dict:
     """Train one run in `run_dir`; `models` (optional) reuses compiled models across runs of one process."""
     deterministic = bool(cfg.trainer.get("deterministic", False))
-    with deterministic_mode(deterministic):
-        return _run(cfg, run_dir, models, deterministic)
+    attention_kernel = str(cfg.trainer.get("sdpa_backend", "auto"))
+    check_sdpa_backend(attention_kernel, deterministic)  # before anything is built
+    with deterministic_mode(deterministic), sdpa_backend(attention_kernel):
+        return _run(cfg, run_dir, models, deterministic, attention_kernel)
 
 
-def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministic: bool) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministic: bool,
+         attention_kernel: str) -> dict:
     from accelerate.utils import DistributedType
 
     from llmopt.data import build_data
@@ -204,8 +207,12 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     if lookahead is not None:
         check_lookahead_window(lookahead, tcfg.steps)
     check_attention(str(cfg.trainer.get("attention", "sdpa")))  # before anything is built
+    loss_head = str(cfg.trainer.get("loss_head", "auto"))
+    loss_dtype = str(cfg.trainer.get("loss_dtype", "float32"))
+    check_loss(loss_head, loss_dtype)
     compile_options = inductor_options(cfg.trainer.get("compile_options"))
     accelerator = build_accelerator(tcfg.precision, cfg.trainer.device)
+    check_sdpa_backend(attention_kernel, deterministic, accelerator.device.type, tcfg.precision)
     tcfg.accumulation(accelerator.num_processes)
     tcfg.eval_batch(accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
@@ -230,7 +237,6 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     # -- build --------------------------------------------------------------------------------------
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
     checkpoint_activations = bool(cfg.trainer.get("activation_checkpointing", False))
-    loss_head = str(cfg.trainer.get("loss_head", "auto"))
     rotary_table = bool(cfg.trainer.get("rotary_table", True))
     attention = str(cfg.trainer.get("attention", "sdpa"))
 
@@ -242,7 +248,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         return model
 
     def loss_module(lm):
-        loss_model = CausalLMLoss(lm, head=loss_head)
+        loss_model = CausalLMLoss(lm, head=loss_head, loss_dtype=loss_dtype)
         return torch.compile(loss_model, options=compile_options or None) if cfg.trainer.compile else loss_model
 
     def build():
@@ -272,8 +278,9 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings,
                model_config.pad_token_id, cfg.seed,
                tcfg.precision, bool(cfg.trainer.compile), tuple(sorted(compile_options.items())),
-               checkpoint_activations, loss_head, rotary_table, attention, str(accelerator.device),
-               accelerator.num_processes, deterministic, tcfg.eval_precision)
+               checkpoint_activations, loss_head, loss_dtype, rotary_table, attention,
+               attention_kernel,  # a compiled graph holds the kernel chosen when it was traced
+               str(accelerator.device), accelerator.num_processes, deterministic, tcfg.eval_precision)
         model, loss_model, eval_model, eval_weights = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     scheduler = schedule.lr_scheduler(optimizer)
@@ -355,7 +362,7 @@ def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tup
 IDENTITY_SECTIONS = ("seed", "model", "optimizer", "lookahead", "schedule")
 # (eval_precision: one run's evaluations are all in one precision)
 IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip", "loss_weighting",
-                             "eval_precision"),
+                             "eval_precision", "loss_dtype"),
                  "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train")}
 
 
