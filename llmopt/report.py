@@ -8,13 +8,15 @@ Output: Markdown with, for every table that has runs, the papers' layout (method
 perplexity and the published one, with memory in GB), then one line per run:
 
   run | table/row | steps | exact ppl | paper-compatible ppl | published ppl | delta | memory paper GB |
-  published GB | measured state MB | token slots/s
+  memory llmopt GB | published GB | measured state MB | token slots/s
 
 * exact ppl: exp of the token-weighted validation loss; paper-compatible ppl: the reference code's
   figure, (sum of per-batch mean losses) / (batches + 1) (protocol.md section 1). The published
   GaLore-protocol tables (SCALE headline, SCALE ablation) were measured the paper-compatible way, the
   SGD-LL table token-weighted; "delta" is ours minus published, in the table's own measure.
-* memory paper GB: weights + optimizer state, bf16, 1 GB = 1e9 B (llmopt.optim.memory); measured state
+* memory paper GB: weights + optimizer state, bf16, 1 GB = 1e9 B (llmopt.optim.memory); memory llmopt GB:
+  the same units for the states llmopt's optimizer holds (Muon: AdamW's two moments on the embedding,
+  lm_head and norms, where the paper counts one state per parameter); measured state
   MB: the bytes of optimizer state the run actually held; token slots/s: the median of
   perf/token_slots_per_s over the logged steps (slots count padding).
 * table / row / size come from the run's W&B tags (table:..., row:..., size:..., as the experiment
@@ -279,6 +281,7 @@ def run_row(run: Run, published: dict) -> dict:
         "published_ppl": pub.ppl if pub else None,
         "delta": ours - pub.ppl if (pub and ours is not None) else None,
         "memory_paper_gb": run.summary.get("memory/paper_gb"),
+        "memory_llmopt_gb": run.summary.get("memory/llmopt_gb"),
         "published_gb": pub.memory_gb if pub else None,
         "state_mb": state / 1e6 if state is not None else None,
         "token_slots_per_s": run.token_slots_per_s,
@@ -288,10 +291,10 @@ def run_row(run: Run, published: dict) -> dict:
 RUN_COLUMNS = [("run", "run"), ("table/row", "table_row"), ("size", "size"), ("steps", "steps"),
                ("exact ppl", "exact_ppl"), ("paper-compatible ppl", "paper_ppl"),
                ("published ppl", "published_ppl"), ("delta", "delta"), ("memory paper GB", "memory_paper_gb"),
-               ("published GB", "published_gb"), ("measured state MB", "state_mb"),
-               ("token slots/s", "token_slots_per_s")]
+               ("memory llmopt GB", "memory_llmopt_gb"), ("published GB", "published_gb"),
+               ("measured state MB", "state_mb"), ("token slots/s", "token_slots_per_s")]
 DIGITS = {"exact_ppl": 2, "paper_ppl": 2, "published_ppl": 2, "delta": 2, "memory_paper_gb": 2,
-          "published_gb": 2, "state_mb": 1, "token_slots_per_s": 0}
+          "memory_llmopt_gb": 2, "published_gb": 2, "state_mb": 1, "token_slots_per_s": 0}
 
 
 def _cell(key: str, value) -> str:
@@ -310,6 +313,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def _sort_ppl(value) -> float:
     """Perplexities in order, a missing or non-finite one last."""
     return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def _memory_text(summary: dict) -> str:
+    """`0.23 GB`, with llmopt's own states beside it where they differ at two decimals (Muon's AdamW)."""
+    paper = f"{summary['memory/paper_gb']:.2f} GB"
+    ours = summary.get("memory/llmopt_gb")
+    return paper if ours is None or f"{ours:.2f} GB" == paper else f"{paper}; llmopt {ours:.2f} GB"
 
 
 def paper_layout(table: str, runs: list[Run], published: dict) -> str:
@@ -334,16 +344,16 @@ def paper_layout(table: str, runs: list[Run], published: dict) -> str:
             ours = run.summary.get(key) if run else None
             text = _fmt(ours) + (f" (best of {len(longest)})" if len(longest) > 1 else "")
             if run is not None and run.summary.get("memory/paper_gb") is not None:
-                text += f" [{run.summary['memory/paper_gb']:.2f} GB]"
+                text += f" [{_memory_text(run.summary)}]"
             if pub is not None:
                 text += f" ({pub.ppl:.2f}" + (f", {pub.memory_gb:.2f} GB" if pub.memory_gb else "") + ")"
             cells.append(text)
         if seen:
             body.append([row] + cells)
     which = "paper-compatible" if measure == "paper" else "exact (token-weighted)"
-    note = (f"Each cell: our {which} perplexity [our memory, paper accounting] (published perplexity, "
-            "published memory). Where several runs fill a cell (a sweep), the best of the longest is shown; "
-            "every run is in the table below.")
+    note = (f"Each cell: our {which} perplexity [our memory, paper accounting; llmopt's states where they "
+            "differ] (published perplexity, published memory). Where several runs fill a cell (a sweep), the best "
+            "of the longest is shown; every run is in the table below.")
     return f"## {meta['title']}\n\n{note}\n\n" + markdown_table(["method"] + sizes, body)
 
 

@@ -5,7 +5,9 @@ built by the registry, and a few steps on random tokens at one fixed micro-batch
 activation checkpointing). Reported, in GB (1e9 B): the peak allocated memory, and what makes it up
 as measured: weights, gradients, optimizer state (every state tensor, each storage once), and the
 rest of the peak (activations and temporaries); beside them the papers' accounting (weights + state,
-everything counted in bf16) and the trainer's pre-flight estimate (weights + gradients + state, which
+everything counted in bf16), the same units for the states llmopt's optimizer holds ("llmopt": Muon's
+AdamW keeps two moments on the embedding, lm_head and norms, where the paper counts one per parameter)
+and the trainer's pre-flight estimate (weights + gradients + state, which
 it compares to the device's memory before allocating anything).
 
 Without CUDA it runs on the CPU (peak = the process's resident set; a smoke test), e.g.
@@ -27,7 +29,7 @@ import torch
 from llmopt.model import build_model, llama_config, param_counts
 from llmopt.model.loss import CausalLMLoss
 from llmopt.optim import build_optimizer, state_bytes
-from llmopt.optim.memory import estimate_train_bytes, paper_memory_gb
+from llmopt.optim.memory import estimate_train_bytes, llmopt_memory_gb, paper_memory_gb
 
 OPTIMIZERS = {  # name in the table: (registry name, hyper-parameters, lookahead, accounting name)
     "adamw": ("adamw", {"lr": 1e-3, "fused": True}, None, "adamw"),
@@ -70,6 +72,7 @@ def measure(flavor: str, optimizer: str, micro_batch: int, seq_len: int, steps: 
            "peak_gb": peak / 1e9, "weights_gb": weights / 1e9, "grads_gb": grads / 1e9, "state_gb": state / 1e9,
            "rest_gb": (peak - weights - grads - state) / 1e9,
            "paper_gb": paper_memory_gb(flavor, accounting, "ema_nesterov" if lookahead else None),
+           "llmopt_gb": llmopt_memory_gb(flavor, accounting, "ema_nesterov" if lookahead else None),
            "estimate_gb": estimate_train_bytes(counts, accounting, "ema_nesterov" if lookahead else None,
                                                "bf16_pure") / 1e9}
     del opt, loss_model, model, params
@@ -104,13 +107,15 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(meta))
     print(f"{'flavor':6} {'optimizer':10} {'peak':>7} {'weights':>8} {'grads':>7} {'state':>7} {'rest':>7} "
-          f"{'paper':>7} {'estimate':>8}   (GB, micro-batch {args.micro_batch} x {args.seq_len}, pure bf16)")
+          f"{'paper':>7} {'llmopt':>7} {'estimate':>8}   "
+          f"(GB, micro-batch {args.micro_batch} x {args.seq_len}, pure bf16)")
     for r in rows:
         if "error" in r:
             print(f"{r['flavor']:6} {r['optimizer']:10} {r['error'][:80]}")
             continue
         print(f"{r['flavor']:6} {r['optimizer']:10} {r['peak_gb']:7.2f} {r['weights_gb']:8.2f} {r['grads_gb']:7.2f} "
-              f"{r['state_gb']:7.2f} {r['rest_gb']:7.2f} {r['paper_gb']:7.2f} {r['estimate_gb']:8.2f}")
+              f"{r['state_gb']:7.2f} {r['rest_gb']:7.2f} {r['paper_gb']:7.2f} {r['llmopt_gb']:7.2f} "
+              f"{r['estimate_gb']:8.2f}")
     return 0
 
 

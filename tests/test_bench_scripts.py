@@ -69,10 +69,10 @@ def test_bench_train_says_when_the_eval_time_holds_compilation():
 
 def test_bench_memory_measures_what_the_accounting_counts(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
-    assert bench_memory.main(["--flavors", "micro", "--optimizers", "adamw", "scale", "ema+scale",
+    assert bench_memory.main(["--flavors", "micro", "--optimizers", "adamw", "muon", "scale", "ema+scale",
                               "--micro-batch", "2", "--seq-len", "16", "--out", str(out)]) == 0
     rows = {r["optimizer"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"adamw", "scale", "ema+scale"}
+    assert set(rows) == {"adamw", "muon", "scale", "ema+scale"}
     weights = rows["adamw"]["weights_gb"]
     assert rows["adamw"]["grads_gb"] == weights
     kb = 1e-6  # in GB: torch's AdamW also keeps a 4-byte step counter per parameter
@@ -82,6 +82,10 @@ def test_bench_memory_measures_what_the_accounting_counts(tmp_path, capsys):
     # SCALE: the lm_head momentum (as the paper counts) plus the 1-D parameters' two moments
     assert rows["scale"]["paper_gb"] - weights < rows["scale"]["state_gb"] < 0.5 * rows["adamw"]["state_gb"]
     assert rows["adamw"]["paper_gb"] == pytest.approx(3 * weights)
+    # llmopt's accounting is the state its optimizers hold (Muon: AdamW's two moments beside the matrices' one)
+    for name in ("adamw", "muon", "scale"):
+        assert rows[name]["llmopt_gb"] - weights == pytest.approx(rows[name]["state_gb"], abs=kb), name
+    assert rows["muon"]["llmopt_gb"] > rows["muon"]["paper_gb"]
     assert rows["adamw"]["estimate_gb"] == pytest.approx(4 * weights)
     assert "micro  scale" in capsys.readouterr().out
 

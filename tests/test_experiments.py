@@ -32,7 +32,8 @@ TOP_LEVEL = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GALORE_PROTOCOL = {"trainer.global_batch_size": 512, "trainer.precision": "bf16_pure", "trainer.grad_clip": 0.0,
                    "trainer.eval_every": 1000, "schedule.name": "cosine", "schedule.warmup_ratio": 0.1,
                    "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": True}
-# steps, warmup steps, tokens (billions) per size; SCALE's 60M script runs 11K / 1.1K / 1.4B
+# steps, warmup steps, tokens (billions) per size; SCALE's 60M script runs 11K / 1.1K / 1.4B, and the SCALE README
+# gives 1.4B tokens for its whole 60M column, so every 60M row of scale_table runs 11K
 GP_STEPS = {"60m": (10_000, 1_000, 1.3), "130m": (20_000, 2_000, 2.6), "350m": (60_000, 6_000, 7.8),
             "1b": (100_000, 10_000, 13.1), "7b": (150_000, 15_000, 19.7)}
 SCALE_60M_STEPS = (11_000, 1_100, 1.4)
@@ -44,11 +45,25 @@ C4 = {"data.name": "c4", "data.mode": "truncate_pad", "data.seq_len": 256, "data
 SCALE_EVAL_BATCH = {"60m": 2 * 256, "130m": 2 * 256, "350m": 4 * 128, "1b": 8 * 64, "7b": 8 * 32}
 SCALE_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 2e-4, "7b": 1e-4}
 SCALE_ADAM_LR = {"60m": 0.02, "130m": 0.02, "350m": 0.02, "1b": 1e-3, "7b": 1e-3}   # the scripts' values
+SCALE_SEED = 42   # SCALE's scripts pass --seed 42 (also its argument default); the Adam and Muon rows keep it
 
 # -- section 5: baselines -------------------------------------------------------------------------------------
 GALORE_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
 APOLLO_RANK = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}   # 7B: not in protocol.md
 FIRA_ALPHA = {"60m": 0.25, "130m": 0.25, "350m": 0.25, "1b": 0.0625}
+# the methods' own released scripts (GaLore scripts/benchmark_c4, Fira pre_training_c4/scripts, APOLLO
+# scripts/pretrain_c4): evaluation batch over all GPUs = --batch_size x --nproc_per_node (x nodes), and the seed:
+# none passed, so their torchrun mains' default 0
+LOWRANK_EVAL_BATCH = {
+    "galore": {"60m": 1 * 256, "130m": 1 * 256, "350m": 4 * 128, "1b": 8 * 16},
+    "fira": {"60m": 1 * 256, "130m": 1 * 256, "350m": 8 * 64, "1b": 8 * 64},
+    "apollo": {"60m": 1 * 256, "130m": 4 * 128, "350m": 4 * 128, "1b": 8 * 64, "7b": 8 * 16},
+}
+LOWRANK_EVAL_BATCH["apollo_mini"] = LOWRANK_EVAL_BATCH["apollo"]
+LOWRANK_SEED = 0
+# APOLLO-Mini: scale 128, except 192 (= 768 / 4) in the 130M script; the 60M and 130M scripts pass --scale_front
+APOLLO_MINI_SCALE = {"60m": 128.0, "130m": 192.0, "350m": 128.0, "1b": 128.0, "7b": 128.0}
+APOLLO_MINI_SCALE_FRONT = {"60m": True, "130m": True, "350m": False, "1b": False, "7b": False}
 
 # -- section 3: SGD-LL ----------------------------------------------------------------------------------------
 SGD_LL = {  # size: steps, warmup, batch, tokens (B), Adam lr, SGD-LL lr, tau
@@ -75,10 +90,12 @@ def _tags(table: str, row: str, size: str) -> dict:
 
 
 def scale_table(row: str, size: str) -> dict:
-    steps, warmup, tokens = SCALE_60M_STEPS if (row, size) == ("scale", "60m") else GP_STEPS[size]
+    steps, warmup, tokens = SCALE_60M_STEPS if size == "60m" else GP_STEPS[size]
+    lowrank = row in LOWRANK_EVAL_BATCH
     exp = {**GALORE_PROTOCOL, **C4, **_tags("scale_table", row, size), "model.flavor": size,
            "optimizer.name": row, "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens,
-           "trainer.eval_global_batch_size": SCALE_EVAL_BATCH[size]}
+           "trainer.eval_global_batch_size": LOWRANK_EVAL_BATCH[row][size] if lowrank else SCALE_EVAL_BATCH[size],
+           "seed": LOWRANK_SEED if lowrank else SCALE_SEED}
     if row == "adam":
         exp.update({"optimizer.lr": 1e-3, "optimizer.eps": 1e-8, "optimizer.weight_decay": 0.0})
     elif row == "muon":
@@ -92,13 +109,15 @@ def scale_table(row: str, size: str) -> dict:
                     "optimizer.alpha": FIRA_ALPHA[size]})
     elif row == "apollo":
         exp.update({"optimizer.lr": 0.01, "optimizer.rank": APOLLO_RANK[size], "optimizer.update_proj_gap": 200,
-                    "optimizer.scale": 1.0, "optimizer.proj": "random", "optimizer.scale_type": "channel"})
+                    "optimizer.scale": 1.0, "optimizer.proj": "random", "optimizer.scale_type": "channel",
+                    "optimizer.scale_front": False})
     elif row == "apollo_mini":
         exp.update({"optimizer.lr": 0.01, "optimizer.rank": 1, "optimizer.update_proj_gap": 200,
-                    "optimizer.scale": 128.0, "optimizer.scale_type": "tensor"})
+                    "optimizer.scale": APOLLO_MINI_SCALE[size], "optimizer.scale_type": "tensor",
+                    "optimizer.scale_front": APOLLO_MINI_SCALE_FRONT[size]})
     elif row == "scale":
         exp.update(scale_optimizer(size, "column", "output"))
-    if row in ("galore", "fira", "apollo", "apollo_mini"):  # the packages' Adam defaults (the scripts pass none)
+    if lowrank:  # the packages' Adam defaults (the scripts pass none)
         exp.update({"optimizer.eps": 1e-6, "optimizer.betas": [0.9, 0.999], "optimizer.weight_decay": 0.0})
     return exp
 
@@ -116,12 +135,12 @@ def scale_ablation(row: str, size: str) -> dict:
     return {**GALORE_PROTOCOL, **C4, **_tags("scale_ablation", row, size), "model.flavor": size,
             **scale_optimizer(size, normalization, "output" if momentum else "none"),
             "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens,
-            "trainer.eval_global_batch_size": SCALE_EVAL_BATCH[size]}
+            "trainer.eval_global_batch_size": SCALE_EVAL_BATCH[size], "seed": SCALE_SEED}
 
 
 def sgd_ll_table(row: str, size: str) -> dict:
     steps, warmup, batch, tokens, adam_lr, lr, tau = SGD_LL[size]
-    exp = {**C4, **_tags("sgd_ll_table", row, size), "model.flavor": size, "optimizer.name": row,
+    exp = {**C4, **_tags("sgd_ll_table", row, size), "model.flavor": size, "optimizer.name": row, "seed": 42,
            "trainer.steps": steps, "warmup": warmup, "tokens_b": tokens, "trainer.global_batch_size": batch,
            "trainer.precision": "amp_bf16", "trainer.grad_clip": 0.0, "schedule.name": "cosine",
            "schedule.warmup_ratio": 0.1, "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": False,
@@ -139,6 +158,7 @@ def sgd_ll_table(row: str, size: str) -> dict:
 def ema_nesterov(row: str, size: str, batch: int, lr: float) -> dict:
     steps, warmup, look_warmup, look_rest, beta, gamma, eval_every = EMA[size]
     exp = {**C4, "model.flavor": size, "optimizer.name": row, "optimizer.lr": lr, "lookahead.name": "ema_nesterov",
+           "seed": 42,
            "logger.wandb.group": "ema_nesterov",
            "tags": ["table:ema_nesterov", f"row:{row}+ema_nesterov", f"size:{size}", f"batch:{batch}"],
            # on step t (0-based) when t + 1 > warmup and t < steps - rest: llmopt's [start_step, end_step)
@@ -216,8 +236,7 @@ def test_experiment_composes_with_protocol_values(hydra_configs, name):
     # W&B: the group is the table; the tags name table, row and size, then the run's own lr and seed
     tags = resolved(cfg, "logger.wandb.tags")
     assert tags[:len(exp["tags"])] == exp["tags"]
-    assert tags[len(exp["tags"]):] == [f"lr:{resolved(cfg, 'optimizer.lr')}", f"seed:{cfg.seed}"]
-    assert cfg.seed == 42
+    assert tags[len(exp["tags"]):] == [f"lr:{resolved(cfg, 'optimizer.lr')}", f"seed:{exp['seed']}"]
     run_name = resolved(cfg, "run_name")
     assert run_name.startswith(name.split("/")[1].rsplit("_", 1)[0]) and "/" not in run_name
 
@@ -247,6 +266,10 @@ def test_choices_are_one_override_away(hydra_configs):
                                       "optimizer.adam_lr=${optimizer.lr}", "schedule.reference_quirks=false"])
     assert cfg.trainer.steps == 10000 and cfg.optimizer.adam_lr == pytest.approx(1e-3)
     assert cfg.schedule.reference_quirks is False
+    cfg = compose("train", overrides=["experiment=scale_table/apollo_mini_130m", "optimizer.scale=128",
+                                      "optimizer.scale_front=false", "trainer.eval_global_batch_size=512", "seed=42"])
+    hparams = optimizer_kwargs(cfg)[1]
+    assert (hparams["scale"], hparams["scale_front"], cfg.seed) == (128, False, 42)
     cfg = compose("train", overrides=["experiment=ema_nesterov/muon_60m_b2048", "lookahead=none"])
     assert optimizer_kwargs(cfg)[2] is None          # the base run: no lookahead wrapper
     assert resolved(cfg, "logger.wandb.tags")[1] == "row:muon+none"

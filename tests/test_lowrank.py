@@ -55,6 +55,8 @@ def test_groups_roles_and_protocol_defaults(method):
     assert {k: low[k] for k in expected} == expected
     for key in {"scale", "alpha", "scale_type", "proj"} - set(expected):
         assert key not in low
+    assert "scale_front" not in low  # APOLLO's is a constructor argument, default False (the package's)
+    assert getattr(opt.lowrank, "scale_front", None) is (False if method.startswith("apollo") else None)
     for g in opt.param_groups[1:]:
         assert "rank" not in g and g["lr"] == 0.01 and g["eps"] == 1e-6
     assert opt.adamw is not None
@@ -223,6 +225,8 @@ def test_state_elements_known_values():
     ({"method": "galore", "update_proj_gap": 0}, r"update_proj_gap must be an int >= 1"),
     ({"method": "apollo", "scale_type": "row"}, r"scale_type must be"),
     ({"method": "apollo", "proj_type": "full"}, r"proj_type 'full' is not valid for 'apollo'"),
+    ({"method": "galore", "scale_front": True}, r"scale_front=True does not apply to 'galore'"),
+    ({"method": "apollo_mini", "scale_front": "yes"}, r"scale_front must be true or false"),
 ])
 def test_bad_inputs(kwargs, match):
     roles = classify_parameters(_model())
@@ -282,3 +286,33 @@ def test_matrices_step_as_the_package_in_the_reference_scripts(method, key):
                 assert torch.equal(p, q), f"step {step}: {n} differs from the package's"
     moved = [n for n in names if n in matrices and not torch.equal(dict(model.named_parameters())[n], start[n])]
     assert len(moved) == len(matrices)
+
+
+def _apollo_mini_update_norms(scale_front: bool, grad_sizes, eps: float) -> list[torch.Tensor]:
+    """Per-matrix norms of each step's update, fed the same seeded gradients of the given sizes (float64)."""
+    model = _model(dtype=torch.float64)
+    opt = build_lowrank("apollo_mini", classify_parameters(model), scale_front=scale_front, eps=eps)
+    assert opt.lowrank.scale_front is scale_front  # reaches apollo_torch.APOLLOAdamW
+    matrices = opt.param_groups[0]["params"]
+    norms = []
+    for step, size in enumerate(grad_sizes):
+        gen = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * size
+        before = [p.detach().clone() for p in matrices]
+        opt.step()
+        norms.append(torch.stack([(p.detach() - b).norm() for p, b in zip(matrices, before, strict=True)]))
+    return norms
+
+
+def test_apollo_scale_front_moves_sqrt_scale_before_the_norm_growth_limiter():
+    """scale_front=True (the APOLLO-Mini 60M/130M scripts' --scale_front) scales by sqrt(scale) before the limiter.
+    The limiter's ratio of successive norms ignores a constant factor, so ordinary gradients step the same;
+    where the limiter's +1e-8 matters (scaled-gradient norms near 1e-8: tiny gradients, eps 1 so that Adam's
+    normalization keeps them tiny), the 100x growth at step 2 is limited far more with the factor in front."""
+    plain, front = (_apollo_mini_update_norms(f, [0.1, 1.0], eps=1e-6) for f in (False, True))
+    for a, b in zip(plain, front, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9)
+    plain, front = (_apollo_mini_update_norms(f, [1e-10, 1e-6], eps=1.0) for f in (False, True))
+    assert torch.allclose(plain[0], front[0], rtol=1e-9)  # the first step has no limiter yet
+    assert (front[1] < 0.2 * plain[1]).all(), front[1] / plain[1]

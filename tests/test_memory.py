@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from llmopt.model import llama_config, param_counts
-from llmopt.optim import build_optimizer, paper_memory_gb, state_bytes
+from llmopt.optim import build_optimizer, llmopt_memory_gb, paper_memory_gb, state_bytes
+from llmopt.optim.memory import state_elements
 from tests.conftest import lm_loss, micro_model, random_batches
 
 # SCALE paper, headline table: weights + optimizer state, GB, bf16
@@ -47,3 +48,36 @@ def test_measured_state_bytes(dtype):
         if name == "sgd_ll":      # + two float32 clip counters per tensor, + lm_head's row-clip share
             want += 8 * len(list(m.parameters())) + 4
         assert got == want, name
+
+
+def test_llmopt_accounting_beside_the_papers_at_1b():
+    """The paper counts one Muon state per parameter (5.356 GB at 1B); llmopt's Muon keeps one per attention/MLP
+    matrix element and AdamW's two on the embedding, lm_head and norms. Counts from the 1B config's shapes."""
+    hidden, intermediate, layers, vocab = 2048, 5461, 24, 32000
+    matrices = layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+    embedding = output = vocab * hidden
+    norms = (2 * layers + 1) * hidden
+    total = matrices + embedding + output + norms
+    assert total == 1_339_082_752
+    assert paper_memory_gb("1b", "muon") == pytest.approx(2 * (total + total) / 1e9)
+    assert round(paper_memory_gb("1b", "muon"), 3) == 5.356
+    llmopt_muon = 2 * (total + matrices + 2 * (embedding + output + norms)) / 1e9
+    assert llmopt_memory_gb("1b", "muon") == pytest.approx(llmopt_muon)
+    assert round(llmopt_muon, 3) == 5.619
+    # Adam: the same states both ways; SCALE: llmopt also keeps the norms' two AdamW moments
+    assert llmopt_memory_gb("1b", "adam") == pytest.approx(paper_memory_gb("1b", "adam"))
+    assert llmopt_memory_gb("1b", "scale") == pytest.approx(paper_memory_gb("1b", "scale") + 2 * 2 * norms / 1e9)
+    assert llmopt_memory_gb("1b", "muon", "ema_nesterov") == pytest.approx(llmopt_muon + 2 * 2 * total / 1e9)
+
+
+def test_llmopt_accounting_is_what_muon_holds():
+    model = micro_model(torch.bfloat16)
+    opt = build_optimizer(model, "muon")
+    lm_loss(model, random_batches(1)[0]).backward()
+    opt.step()
+    adamw_params = [p for n, p in model.named_parameters() if p.ndim == 1 or "embed" in n or "lm_head" in n]
+    # one state per parameter (Muon's momentum, AdamW's first moment), a second for AdamW's parameters
+    elements = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in adamw_params)
+    counts = param_counts(llama_config("micro"))
+    assert state_elements(counts, "muon", accounting="llmopt") == elements
+    assert state_bytes(opt) == 2 * elements + 4 * len(adamw_params)           # + AdamW's float32 step counters

@@ -38,18 +38,39 @@ def test_build_model_is_seeded_and_untied():
     assert abs(a.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.004
 
 
-@pytest.mark.parametrize("padding_idx, frozen_row", [(0, 0), (-1, 127)])
+@pytest.mark.parametrize("padding_idx, frozen_row", [(0, 0), (-1, 127), (1, 1)])
 def test_padding_row_is_zero_and_never_trains(padding_idx, frozen_row):
     """transformers zeroes the embedding's padding row and gives it no gradient: t5's pad (0) by default, the last
-    row (vocab - 1) with the reference configs' pad_token_id -1, even where that token is in the batch."""
+    row (vocab - 1) with GaLore's and APOLLO's pad_token_id -1, t5's EOS (1) with the SCALE, SGD-LL and
+    EMA-Nesterov configs' pad_token_id 1 (`model.padding_idx=1`), even where that token is in the batch."""
     model = build_model(llama_config("micro", padding_idx=padding_idx), seed=0)
     weight = model.model.embed_tokens.weight
-    assert torch.count_nonzero(weight[frozen_row]) == 0 and torch.count_nonzero(weight[1]) > 0
-    tokens = torch.tensor([[5, 127, 0, 9, 127, 3, 0, 2]])
+    special = (0, 1, 127)  # t5's pad, t5's EOS, the last row
+    assert [torch.count_nonzero(weight[r]) == 0 for r in special] == [r == frozen_row for r in special]
+    tokens = torch.tensor([[5, 127, 0, 9, 1, 127, 3, 0, 1, 2]])
     model(input_ids=tokens, labels=tokens).loss.backward()
-    assert torch.count_nonzero(weight.grad[frozen_row]) == 0
-    other = 127 if frozen_row == 0 else 0  # the other special row is an ordinary, trained one
-    assert torch.count_nonzero(weight.grad[other]) > 0
+    # the other special rows are ordinary, trained ones
+    assert [torch.count_nonzero(weight.grad[r]) == 0 for r in special] == [r == frozen_row for r in special]
+
+
+def test_eos_row_reaches_the_loss_only_when_packed():
+    """model.padding_idx=1 (t5's EOS, the SCALE/SGD-LL/EMA-Nesterov configs') trains as 0 does in truncate_pad mode,
+    where only pads (label -100) follow EOS; packed, tokens after EOS see it, so 1 freezes a row in use."""
+    def grads(padding_idx, tokens, labels):
+        # the same seed: the same weights but for rows 0 and 1 (the padding row is zeroed)
+        model = build_model(llama_config("micro", padding_idx=padding_idx), seed=0)
+        loss_sum, count = CausalLMLoss(model, head="plain")(tokens, labels)
+        (loss_sum / count).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    truncate_pad = torch.tensor([[5, 9, 3, 1, 0, 0]])   # a document, its EOS, padding
+    labels = torch.where(truncate_pad == 0, -100, truncate_pad)
+    pad_frozen, eos_frozen = grads(0, truncate_pad, labels), grads(1, truncate_pad, labels)
+    assert torch.count_nonzero(pad_frozen["model.embed_tokens.weight"][1]) == 0   # EOS: no loss after it
+    for name, grad in pad_frozen.items():   # rows 0 and 1 differ, yet every gradient is the same
+        assert torch.equal(grad, eos_frozen[name]), name
+    packed = torch.tensor([[5, 9, 1, 7, 3, 1]])         # EOS between two documents
+    assert torch.count_nonzero(grads(0, packed, packed)["model.embed_tokens.weight"][1]) > 0
 
 
 def test_flops_per_token_follows_the_protocol_formula():

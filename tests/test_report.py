@@ -12,11 +12,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, name, *, table, row, size, optimizer, lookahead="none", steps, evals, slots_per_s,
-              memory_gb, state_bytes, params, summary=True, run_name=None):
+              memory_gb, state_bytes, params, summary=True, run_name=None, llmopt_gb=None):
     """A run directory: config.yaml (resolved), metrics.jsonl (log every 50 steps, eval every 1000), summary.json.
 
-    evals: {step: (token-weighted loss, paper-compatible loss)}.
+    evals: {step: (token-weighted loss, paper-compatible loss)}; memory_gb, llmopt_gb: memory/paper_gb and
+    memory/llmopt_gb (llmopt_gb None: not logged).
     """
+    memory = {"memory/paper_gb": memory_gb, **({"memory/llmopt_gb": llmopt_gb} if llmopt_gb is not None else {})}
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = {"run_name": run_name or name, "seed": 42, "model": {"flavor": size, "vocab_size": None},
@@ -32,7 +34,7 @@ def write_run(root, name, *, table, row, size, optimizer, lookahead="none", step
                   "perf/token_slots_per_s": slots_per_s[i % len(slots_per_s)], "perf/step_time_s": 0.25,
                   "perf/peak_memory_gb": 21.5, "train/grad_norm": 0.8}
         if step == 50:
-            record.update({"model/params": params, "memory/paper_gb": memory_gb})
+            record.update({"model/params": params, **memory})
         if step in evals:
             loss, paper = evals[step]
             record.update({"eval/loss": loss, "eval/ppl": math.exp(loss), "eval/tokens": 10_000_128,
@@ -46,8 +48,7 @@ def write_run(root, name, *, table, row, size, optimizer, lookahead="none", step
             "preempted": False, "eval/loss": loss, "eval/ppl": math.exp(loss), "eval/tokens": 10_000_128,
             "eval/paper_loss": paper, "eval/paper_ppl": math.exp(paper), "run_dir": str(run_dir),
             "optimizer": optimizer, "lookahead": lookahead != "none", "flavor": size, "precision": "bf16_pure",
-            "params": params, "optimizer_state_bytes": state_bytes, "model/params": params,
-            "memory/paper_gb": memory_gb}, indent=2))
+            "params": params, "optimizer_state_bytes": state_bytes, "model/params": params, **memory}, indent=2))
     return run_dir
 
 
@@ -58,7 +59,7 @@ def runs(tmp_path):
                       optimizer="scale", steps=2000,
                       evals={1000: (3.60, 3.58), 2000: (math.log(31.40), math.log(31.02))},
                       slots_per_s=[100_000, 300_000, 200_000, 250_000], memory_gb=0.147_5, state_bytes=32_800_000,
-                      params=58_072_128)
+                      params=58_072_128, llmopt_gb=0.147_6)
     adam = write_run(root, "adam_60m_lr0.001_seed42", table="scale_table", row="adam", size="60m",
                      optimizer="adam", steps=2000,
                      evals={1000: (3.55, 3.52), 2000: (math.log(30.70), math.log(30.40))},
@@ -90,11 +91,13 @@ def test_runs_table_numbers(runs):
     scale = rows["scale_60m_lr0.001_seed42"]
     assert scale == {"run": "scale_60m_lr0.001_seed42", "table/row": "scale_table/scale", "size": "60m",
                      "steps": "2000", "exact ppl": "31.40", "paper-compatible ppl": "31.02",
-                     "published ppl": "30.81", "delta": "+0.21", "memory paper GB": "0.15", "published GB": "0.15",
+                     "published ppl": "30.81", "delta": "+0.21", "memory paper GB": "0.15",
+                     "memory llmopt GB": "0.15", "published GB": "0.15",
                      "measured state MB": "32.8", "token slots/s": "225,000"}
     adam = rows["adam_60m_lr0.001_seed42"]
     assert (adam["paper-compatible ppl"], adam["published ppl"], adam["delta"]) == ("30.40", "30.05", "+0.35")
     assert (adam["memory paper GB"], adam["published GB"], adam["measured state MB"]) == ("0.35", "0.35", "464.6")
+    assert adam["memory llmopt GB"] == "—"          # a run that did not log it
     assert adam["token slots/s"] == "400,000"
     # the SGD-LL table was published token-weighted: the delta is on the exact perplexity
     sgd_ll = rows["sgd_ll_130m_lr100.0_seed42"]
@@ -128,6 +131,18 @@ def test_paper_layout_beside_the_published_table(runs):
     assert headline["scale"]["7b"] == "— (12.59, 13.74 GB)" and headline["stable_spam"]["1b"] == "— (13.97)"
     sgd = {r["method"]: r for r in table_rows(text, "## SGD-LL table")}
     assert sgd["sgd_ll"]["130m"] == "26.10 [0.54 GB] (25.70)" and sgd["sgd"]["1b"] == "— (51.87)"
+
+
+def test_muon_memory_shows_llmopts_states_beside_the_papers(tmp_path):
+    """Muon's AdamW keeps two states on the embedding, lm_head and norms: llmopt's figure beside the paper's."""
+    muon = write_run(tmp_path, "muon_1b_lr0.02_seed42", table="scale_table", row="muon", size="1b",
+                     optimizer="muon", steps=1000, evals={1000: (math.log(14.5), math.log(14.3))},
+                     slots_per_s=[1.0], memory_gb=5.356, llmopt_gb=5.619, state_bytes=1, params=1_339_082_752)
+    text = build_report([load_run_dir(muon)])
+    headline = {r["method"]: r for r in table_rows(text, "## SCALE headline table")}
+    assert headline["muon"]["1b"] == "14.30 [5.36 GB; llmopt 5.62 GB] (14.18, 5.36 GB)"
+    run = table_rows(text, "## Runs")[0]
+    assert (run["memory paper GB"], run["memory llmopt GB"], run["published GB"]) == ("5.36", "5.62", "5.36")
 
 
 def test_published_numbers_from_protocol():

@@ -66,7 +66,7 @@ def test_metrics_keys(tmp_path):
     first = records[0]
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "perf/token_slots_per_s",
                 "perf/step_time_s", "perf/data_wait_frac", "perf/peak_memory_gb", "model/params",
-                "memory/paper_gb", "memory/optimizer_state_gb"):
+                "memory/paper_gb", "memory/llmopt_gb", "memory/optimizer_state_gb"):
         assert key in first, key
     assert first["step"] == 1 and first["model/params"] > 0
     params = first["model/params"]

@@ -13,7 +13,11 @@ AdamW)
 Constructor (all three): ``(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
 correct_bias=True, no_deprecation_warning=...)``; GaLore and Fira emit a FutureWarning unless
 ``no_deprecation_warning=True`` (we pass it); APOLLO adds ``scale_front=False, disable_nl=False``
-(optimizer-wide, not per group; left at their defaults: limiter on, ``scale`` applied after it).
+(optimizer-wide, not per group). ``scale_front`` is llmopt's ``scale_front`` hyper-parameter (the APOLLO
+scripts' ``--scale_front``, passed at 60M/130M APOLLO-Mini): True multiplies the scaled gradient by
+``sqrt(scale)`` BEFORE the norm-growth limiter, False (the default) after it. The limiter compares the
+ratio of successive norms, which a constant factor leaves unchanged, so the two differ only through the
+limiter's ``+ 1e-8`` (for gradient norms near 1e-8) and rounding. ``disable_nl`` stays False (limiter on).
 
 A param group is projected iff it has the key ``"rank"``; a group without it is the package's plain
 AdamW. The projection keys have NO defaults in the optimizers (a missing key is a KeyError at the first
@@ -114,21 +118,25 @@ _PACKAGES = {
 }
 
 # protocol.md section 5 (rank: the 60M value; pass the model's rank for larger models)
+# (scale_front: apollo-torch's own default)
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "galore": {"rank": 128, "scale": 0.25},
     "fira": {"rank": 128, "alpha": 0.25},
-    "apollo": {"rank": 128, "scale": 1.0, "scale_type": "channel", "proj": "random"},
-    "apollo_mini": {"rank": 1, "scale": 128.0, "scale_type": "tensor", "proj": "random"},
+    "apollo": {"rank": 128, "scale": 1.0, "scale_type": "channel", "proj": "random", "scale_front": False},
+    "apollo_mini": {"rank": 1, "scale": 128.0, "scale_type": "tensor", "proj": "random", "scale_front": False},
 }
 
 # method-specific hyper-parameters: which method takes which, and the value meaning "not given"
-_SPECIFIC_UNSET: dict[str, Any] = {"scale": None, "alpha": None, "scale_type": None, "proj": "random"}
+_SPECIFIC_UNSET: dict[str, Any] = {"scale": None, "alpha": None, "scale_type": None, "proj": "random",
+                                   "scale_front": None}
 _APPLIES: dict[str, frozenset[str]] = {
     "galore": frozenset({"scale"}),
     "fira": frozenset({"alpha"}),
-    "apollo": frozenset({"scale", "scale_type", "proj"}),
-    "apollo_mini": frozenset({"scale", "scale_type", "proj"}),
+    "apollo": frozenset({"scale", "scale_type", "proj", "scale_front"}),
+    "apollo_mini": frozenset({"scale", "scale_type", "proj", "scale_front"}),
 }
+# of those, the ones the package takes as constructor arguments rather than param-group keys
+_CONSTRUCTOR_KEYS = frozenset({"scale_front"})
 
 _PROJ_TYPES = {
     "galore": ("std", "reverse_std", "left", "right", "full"),
@@ -263,8 +271,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                     st["projector"] = proj
 
 
-def _resolve(method: str, rank, scale, alpha, proj, scale_type) -> dict[str, Any]:
-    given = {"scale": scale, "alpha": alpha, "proj": proj, "scale_type": scale_type}
+def _resolve(method: str, rank, scale, alpha, proj, scale_type, scale_front) -> dict[str, Any]:
+    given = {"scale": scale, "alpha": alpha, "proj": proj, "scale_type": scale_type, "scale_front": scale_front}
     for name, value in given.items():
         if name not in _APPLIES[method] and value != _SPECIFIC_UNSET[name]:
             takers = [m for m in LOWRANK_METHODS if name in _APPLIES[m]]
@@ -281,19 +289,20 @@ def build_lowrank(method: str, roles, *, lr: float = 0.01, rank: int | None = No
                   update_proj_gap: int = 200, scale: float | None = None, weight_decay: float = 0.0,
                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, proj_type: str = "std",
                   alpha: float | None = None, proj: str = "random",
-                  scale_type: str | None = None) -> torch.optim.Optimizer:
+                  scale_type: str | None = None, scale_front: bool | None = None) -> torch.optim.Optimizer:
     """GaLore / Fira / APOLLO / APOLLO-Mini on the "matrix" params, torch.optim.AdamW on the others.
 
     ``roles``: a :class:`llmopt.optim.roles.ParamRoles`. Groups: one low-rank group ``role="matrix"``
     (keys of the package, module docstring), then one AdamW group per non-empty role among "embedding",
     "output", "vector"; all share lr, betas, eps and weight_decay. Method defaults (protocol.md section 5,
     60M values): rank 128 (apollo_mini 1); GaLore scale 0.25; Fira alpha 0.25 (use 0.0625 from 1B);
-    APOLLO scale 1, channel scaling, random projection; APOLLO-Mini scale 128, tensor scaling. A
-    method-specific hyper-parameter given to a method that does not take it is an error (``scale``:
-    galore/apollo*, ``alpha``: fira, ``scale_type``/``proj``: apollo*).
+    APOLLO scale 1, channel scaling, random projection; APOLLO-Mini scale 128, tensor scaling; APOLLO*
+    ``scale_front`` False (the package's default; module docstring). A method-specific hyper-parameter
+    given to a method that does not take it is an error (``scale``: galore/apollo*, ``alpha``: fira,
+    ``scale_type``/``proj``/``scale_front``: apollo*).
     """
     _check_method(method)
-    hp = _resolve(method, rank, scale, alpha, proj, scale_type)
+    hp = _resolve(method, rank, scale, alpha, proj, scale_type, scale_front)
     r = hp["rank"]
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"rank must be an int >= 1, got {r!r}")
@@ -320,6 +329,8 @@ def build_lowrank(method: str, roles, *, lr: float = 0.01, rank: int | None = No
         raise ValueError(f"scale_type must be 'channel' or 'tensor', got {hp['scale_type']!r}")
     if "proj" in hp and hp["proj"] not in ("random", "svd"):
         raise ValueError(f"proj must be 'random' or 'svd', got {hp['proj']!r}")
+    if "scale_front" in hp and not isinstance(hp["scale_front"], bool):
+        raise ValueError(f"scale_front must be true or false, got {hp['scale_front']!r}")
 
     def named(role):  # (name, param) pairs: torch stores the names as the group's "param_names"
         return list(zip(roles.names(role), roles.params(role), strict=True))
@@ -331,9 +342,10 @@ def build_lowrank(method: str, roles, *, lr: float = 0.01, rank: int | None = No
 
     lowrank_group = {"params": matrices, "role": "matrix", "rank": r, "update_proj_gap": update_proj_gap,
                      "proj_type": proj_type}
-    lowrank_group.update({k: v for k, v in hp.items() if k != "rank"})
+    lowrank_group.update({k: v for k, v in hp.items() if k != "rank" and k not in _CONSTRUCTOR_KEYS})
     common = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-    kwargs: dict[str, Any] = {"correct_bias": True, "no_deprecation_warning": True}
+    kwargs: dict[str, Any] = {"correct_bias": True, "no_deprecation_warning": True,
+                              **{k: v for k, v in hp.items() if k in _CONSTRUCTOR_KEYS}}
     lowrank = cls([lowrank_group], **common, **kwargs)
 
     plain = [{"params": named(role), "role": role} for role in _ROLES_PLAIN if roles.params(role)]

@@ -1,4 +1,4 @@
-"""Optimizer-state memory, two ways: bytes actually held, and the papers' accounting.
+"""Optimizer-state memory: bytes actually held, the papers' accounting, and llmopt's states in the papers' units.
 
 The papers' accounting (protocol.md section 2) reproduces their tables exactly:
 bytes = 2 x (parameters + optimizer-state elements), everything counted in bf16, 1 GB = 1e9 B.
@@ -11,6 +11,12 @@ the states each rounded, then added (60M: 0.12 + 0.23 = 0.35; 130M: 0.27 + 0.54 
 rounded total would be 0.80); SCALE's and Muon's are the rounded total (350M SCALE: 0.80, where
 rounding each part would give 0.81). `paper_memory_gb(..., as_printed=True)` applies that rule so
 the tables can be compared digit for digit; the default returns the exact value.
+
+llmopt's optimizers hold more than the papers count where a method steps some parameters with AdamW:
+Muon keeps ONE state (its momentum) per attention/MLP matrix element but TWO (AdamW's moments) per element
+of the embedding, lm_head and norms, where the paper counts one per parameter; SCALE keeps the norms' two
+AdamW moments, which the paper ignores. `llmopt_memory_gb` counts those states in the paper's units
+(bf16, 1e9 B), to print beside `paper_memory_gb`; `state_bytes` measures what a live optimizer holds.
 """
 
 from __future__ import annotations
@@ -28,18 +34,27 @@ PAPER_STATE_ELEMENTS = {
     "sgd_ll": lambda c: c["total"],
     "scale": lambda c: c["output"],
 }
+# the parameter-sized states llmopt's optimizers hold (scalars such as step counters left out)
+LLMOPT_STATE_ELEMENTS = {
+    **PAPER_STATE_ELEMENTS,
+    "muon": lambda c: c["attn_mlp"] + 2 * (c["embedding"] + c["output"] + c["vector"]),  # + AdamW's 2 moments
+    "scale": lambda c: c["output"] + 2 * c["vector"],                                      # + the norms' AdamW
+}
+ACCOUNTINGS = {"paper": PAPER_STATE_ELEMENTS, "llmopt": LLMOPT_STATE_ELEMENTS}
 
 
 def paper_state_elements(flavor: str, optimizer: str, lookahead: str | None = None) -> int:
     return state_elements(param_counts(llama_config(flavor)), optimizer, lookahead)
 
 
-def state_elements(counts: dict[str, int], optimizer: str, lookahead: str | None = None) -> int:
-    """Optimizer-state elements by the paper's accounting, from model.param_counts(...)."""
-    if optimizer not in PAPER_STATE_ELEMENTS:
-        raise ValueError(f"the paper's memory accounting is defined here for {sorted(PAPER_STATE_ELEMENTS)}, "
+def state_elements(counts: dict[str, int], optimizer: str, lookahead: str | None = None,
+                   accounting: str = "paper") -> int:
+    """Optimizer-state elements from model.param_counts(...): the paper's accounting, or llmopt's states."""
+    per_optimizer = ACCOUNTINGS[accounting]
+    if optimizer not in per_optimizer:
+        raise ValueError(f"the {accounting} memory accounting is defined here for {sorted(per_optimizer)}, "
                          f"not {optimizer!r}; use state_bytes(optimizer) for the measured figure")
-    elements = PAPER_STATE_ELEMENTS[optimizer](counts)
+    elements = per_optimizer[optimizer](counts)
     if lookahead == "ema_nesterov":
         elements += 2 * counts["total"]
     elif lookahead not in (None, "none"):
@@ -50,13 +65,22 @@ def state_elements(counts: dict[str, int], optimizer: str, lookahead: str | None
 def paper_memory_gb(flavor: str, optimizer: str, lookahead: str | None = None,
                     as_printed: bool = False) -> float:
     """Weights + optimizer state in GB (1e9 B), bf16, as the SCALE paper counts them."""
-    weights = 2 * param_counts(llama_config(flavor))["total"] / 1e9
-    states = 2 * paper_state_elements(flavor, optimizer, lookahead) / 1e9
+    weights, states = _weights_and_states_gb(flavor, optimizer, lookahead, "paper")
     if not as_printed:
         return weights + states
     if optimizer in ("adam", "adamw"):
         return round(round(weights, 2) + round(states, 2), 2)
     return round(weights + states, 2)
+
+
+def llmopt_memory_gb(flavor: str, optimizer: str, lookahead: str | None = None) -> float:
+    """Weights + the optimizer states llmopt holds, in the paper's units (bf16, 1e9 B): beside paper_memory_gb."""
+    return sum(_weights_and_states_gb(flavor, optimizer, lookahead, "llmopt"))
+
+
+def _weights_and_states_gb(flavor: str, optimizer: str, lookahead: str | None, accounting: str):
+    counts = param_counts(llama_config(flavor))
+    return 2 * counts["total"] / 1e9, 2 * state_elements(counts, optimizer, lookahead, accounting) / 1e9
 
 
 def _tensors_in(value) -> list[torch.Tensor]:
@@ -91,13 +115,14 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def estimate_train_bytes(counts: dict[str, int], optimizer: str, lookahead: str | None,
                          precision: str, lookahead_momentum_dtype: str = "float32") -> int | None:
-    """Weights + gradients + optimizer state before any activation, for refusing a run that cannot fit
-    before allocating it; None where the optimizer's state is not accounted for here. EMA-Nesterov's m is
-    fp32 unless lookahead_momentum_dtype="param" (EMANesterov's momentum_dtype)."""
+    """Weights + gradients + optimizer state (the states llmopt holds, LLMOPT_STATE_ELEMENTS) before any
+    activation, for refusing a run that cannot fit before allocating it; None where the optimizer's state is
+    not accounted for here. EMA-Nesterov's m is fp32 unless lookahead_momentum_dtype="param" (EMANesterov's
+    momentum_dtype)."""
     if optimizer not in PAPER_STATE_ELEMENTS:
         return None
     weight_bytes = 2 if precision == "bf16_pure" else 4  # amp_bf16 keeps fp32 master weights and grads
-    need = weight_bytes * (2 * counts["total"] + state_elements(counts, optimizer, lookahead))
+    need = weight_bytes * (2 * counts["total"] + state_elements(counts, optimizer, lookahead, "llmopt"))
     if lookahead == "ema_nesterov" and lookahead_momentum_dtype == "float32":
         need += (4 - weight_bytes) * counts["total"]  # m wider than the weights
     return need

@@ -22,7 +22,7 @@ from llmopt.model import build_model, flops_per_token, llama_config, param_count
 from llmopt.model.attention import check_attention, check_sdpa_backend, sdpa_backend, use_attention
 from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss, check_loss
-from llmopt.optim import EMANesterov, build_optimizer, paper_memory_gb, state_bytes
+from llmopt.optim import EMANesterov, build_optimizer, llmopt_memory_gb, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf
 from llmopt.train.reproducible import deterministic_mode
@@ -302,7 +302,9 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         from llmopt.metrics.diagnostics import Diagnostics
         diagnostics = Diagnostics(model, optimizer, every=cfg.diagnostics.every,
                                   init_device=cfg.diagnostics.init_device)
-    fixed = {"model/params": counts["total"], "memory/paper_gb": _paper_gb(cfg.model.flavor, opt_name, lookahead)}
+    fixed = {"model/params": counts["total"],
+             "memory/paper_gb": _memory_gb(paper_memory_gb, cfg.model.flavor, opt_name, lookahead),
+             "memory/llmopt_gb": _memory_gb(llmopt_memory_gb, cfg.model.flavor, opt_name, lookahead)}
     trainer = Trainer(loss_model, prepared_optimizer, scheduler, schedule, data, accelerator, tcfg, None,
                       seq_len=int(cfg.data.seq_len),
                       flops_per_token=flops_per_token(model_config, int(cfg.data.seq_len)),
@@ -432,12 +434,14 @@ class StopSignal:
 stop_signal = StopSignal()
 
 
-def _paper_gb(flavor: str, optimizer: str, lookahead) -> float | None:
+def _memory_gb(accounting, flavor: str, optimizer: str, lookahead) -> float | None:
+    """paper_memory_gb or llmopt_memory_gb of the run; None where the accounting or the paper's vocabulary
+    does not apply."""
     from llmopt.model import FLAVORS
 
     if optimizer not in PAPER_STATE_ELEMENTS or FLAVORS[flavor].vocab != 32000:
         return None
-    return paper_memory_gb(flavor, optimizer, "ema_nesterov" if lookahead else None)
+    return accounting(flavor, optimizer, "ema_nesterov" if lookahead else None)
 
 
 def _peak(device):
@@ -482,5 +486,7 @@ def format_summary(summary: dict) -> str:
     rows.append(("optimizer state (measured)", f"{summary.get('optimizer_state_bytes', 0) / 1e6:.2f} MB"))
     if summary.get("memory/paper_gb") is not None:
         rows.append(("weights+state (paper accounting)", f"{summary['memory/paper_gb']:.2f} GB"))
+    if summary.get("memory/llmopt_gb") is not None:
+        rows.append(("weights+state (llmopt's states, paper units)", f"{summary['memory/llmopt_gb']:.2f} GB"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
