@@ -321,7 +321,8 @@ def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tup
 # what a resumed run must share with the run that wrote the checkpoint (the rest: throughput, logging, I/O)
 IDENTITY_SECTIONS = ("seed", "model", "optimizer", "lookahead", "schedule")
 IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip", "loss_weighting"),
-                 "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train")}
+                 "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train",
+                          "window_shuffle_buffer")}
 
 
 def run_identity(cfg: DictConfig) -> dict:
