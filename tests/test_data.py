@@ -201,14 +201,74 @@ def test_workers_do_not_change_the_batches():
 
 
 def test_rank_split_by_whole_files():
-    """Two files and two ranks: split_dataset_by_node hands out whole (shuffled) files; the union is the stream."""
-    cfg = parse_config(local_cfg(files=(C4_TRAIN, C4_VAL)))
+    """Two files read one after another, two ranks: split_dataset_by_node hands out whole (shuffled) files; the
+    union is the stream."""
+    cfg = parse_config(local_cfg(files=(C4_TRAIN, C4_VAL)) | {
+        "train": {"type": "local", "files": [str(C4_TRAIN), str(C4_VAL)], "interleave": False}})
     src = sources_mod.build_source(cfg, "train", 42)
     src.shuffle_buffer = 64
     single = [t for t, _ in src.records(epoch=3)]
     ranks = [[t for t, _ in src.records(epoch=3, rank=r, world_size=2)] for r in range(2)]
     assert sorted(len(r) for r in ranks) == [1000, 2880]
     assert Counter(ranks[0] + ranks[1]) == Counter(single) and len(single) == 3880
+
+
+def test_interleaved_files_mix_by_weight_and_split_by_record():
+    """Files read side by side: each epoch holds every record once; while both last, the draws follow the weights;
+    the order changes with the epoch and the weights; the ranks split the one stream record by record."""
+    val = set(c4_texts())
+    def source(weights):
+        train = {"type": "local", "files": [{"path": str(C4_TRAIN), "weight": weights[0]},
+                                            {"path": str(C4_VAL), "weight": weights[1]}], "shuffle_buffer": 16}
+        return sources_mod.build_source(parse_config(local_cfg(train=train)), "train", 42)
+    src = source((1.0, 3.0))
+    epoch0 = [t for t, _ in src.records(epoch=0)]
+    assert Counter(epoch0) == Counter(c4_texts(C4_TRAIN) + c4_texts())  # every record once, nothing else
+    head = epoch0[:800]  # the 1000 validation records are not used up yet
+    share = sum(t in val for t in head) / len(head)
+    assert 0.70 < share < 0.80, share  # weight 3 of 4
+    assert [t for t, _ in src.records(epoch=1)][:100] != epoch0[:100]
+    assert [t for t, _ in source((1.0, 1.0)).records(epoch=0)][:100] != epoch0[:100]
+    ranks = [[t for t, _ in src.records(epoch=0, rank=r, world_size=2)] for r in range(2)]
+    assert ranks[0] == epoch0[0::2] and ranks[1] == epoch0[1::2]
+    assert "interleave" in src.fingerprint  # a checkpoint of the files read one after another does not resume here
+
+
+def doc_stats(loader, batches: int) -> tuple[int, float]:
+    """The fewest distinct documents in a batch, and the largest share of one document, over `batches` batches."""
+    fewest, largest = 10**9, 0.0
+    for _ in range(batches):
+        next(loader)
+        _, counts = np.unique(loader.last_docs, return_counts=True)
+        fewest, largest = min(fewest, len(counts)), max(largest, counts.max() / len(loader.last_docs))
+    return fewest, largest
+
+
+def test_packed_batches_mix_many_wikipedia_articles():
+    """The mini-protocol's data on two Wikipedia shards (articles of thousands of tokens): with the config's file
+    interleaving and window shuffle, a 512-window batch holds hundreds of articles; read one file after another
+    and cut in order, as before, it holds a few dozen, one article taking a sixth of the batch."""
+    cfg = yaml_cfg("wiki_c4_local") | {"data_dir": str(SHARED), "num_workers": 0}
+    cfg["train"] = cfg["train"] | {"files": ["enwiki/enwiki-01.jsonl.xz", "enwiki/enwiki-02.jsonl.xz"]}
+    assert cfg["window_shuffle_buffer"] == 65536
+    with build_data(cfg, micro_batch_size=512) as mixed:
+        fewest, largest = doc_stats(mixed.train.loader, 5)
+    assert fewest >= 300 and largest <= 0.03, (fewest, largest)
+    in_order = cfg | {"window_shuffle_buffer": None, "train": cfg["train"] | {"interleave": False}}
+    with build_data(in_order, micro_batch_size=512) as before:
+        fewest, largest = doc_stats(before.train.loader, 5)
+    assert fewest < 100 and largest > 0.05, (fewest, largest)
+
+
+def test_window_shuffle_draws_each_packed_window_once():
+    """The shuffle buffer hands out packed windows in another order, none twice and none lost: after the buffer
+    (C windows) has filled, batch n comes from the first C + n x B packed windows."""
+    cfg = local_cfg(mode="packed", seq_len=32, train={"type": "local", "files": [str(C4_VAL)], "shuffle_buffer": 0})
+    packed = [tuple(r.tolist()) for b in take(build_data(cfg, micro_batch_size=4), 40) for r in b["input_ids"]]
+    shuffled = [tuple(r.tolist()) for b in take(build_data(cfg | {"window_shuffle_buffer": 24}, micro_batch_size=4),
+                                                 30) for r in b["input_ids"]]
+    assert shuffled != packed[: len(shuffled)] and len(set(shuffled)) == len(shuffled) == 120
+    assert set(shuffled) <= set(packed[: 24 + 120])
 
 
 # ---- exact resume --------------------------------------------------------------------------------------
@@ -226,6 +286,33 @@ def test_resume_mid_pack_is_exact(tmp_path):
     resumed.train.load_state_dict(torch.load(tmp_path / "data.pt"))  # weights_only: plain tensors and ints
     for a, b in zip(ref[12:], take(resumed, 18)):
         assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_resume_mid_window_shuffle_is_exact(tmp_path):
+    """Stopped with a full window buffer and a partly used pack buffer, two interleaved files: the resumed run
+    equals the uninterrupted one bit for bit (another worker count too); a state of another buffer size, or of the
+    loader before the window shuffle, is refused with the setting to use."""
+    train = {"type": "local", "files": [str(C4_TRAIN), str(C4_VAL)], "shuffle_buffer": 32}
+    cfg = local_cfg(mode="packed", seq_len=48, train=train, window_shuffle_buffer=40)
+    ref = take(build_data(cfg | {"num_workers": 2}, micro_batch_size=4), 40)
+    first = build_data(cfg, micro_batch_size=4)
+    take(first, 17)
+    state = first.train.state_dict()
+    assert state["windows"].shape == (40, 48) and state["buffer"].numel() > 0
+    torch.save(state, tmp_path / "data.pt")
+    first.close()
+    resumed = build_data(cfg | {"num_workers": 2}, micro_batch_size=4)
+    resumed.train.load_state_dict(torch.load(tmp_path / "data.pt"))  # weights_only: tensors, ints, the rng's dict
+    for a, b in zip(ref[17:], take(resumed, 23)):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    with pytest.raises(ValueError, match="window_shuffle_buffer=40"):
+        build_data(cfg | {"window_shuffle_buffer": 80}, micro_batch_size=4).train.load_state_dict(state)
+    old = {k: v for k, v in state.items() if not k.startswith("window")} | {"format": "llmopt.data/1"}
+    with pytest.raises(ValueError, match="window_shuffle_buffer=null"):
+        build_data(cfg, micro_batch_size=4).train.load_state_dict(old)
+    no_shuffle = build_data(cfg | {"window_shuffle_buffer": None}, micro_batch_size=4)
+    no_shuffle.train.load_state_dict(old)  # written before the window shuffle: resumes where it is off
+    assert no_shuffle.train.state_dict()["index"] == state["index"]
 
 
 def test_resume_across_epochs_replays_the_shuffle(tmp_path):
@@ -254,15 +341,17 @@ def batch_threads() -> list[threading.Thread]:
 
 
 def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if k == "buffer" else a[k] == b[k] for k in a)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                                        for k in a)
 
 
 def test_batches_made_ahead_equal_the_loop_and_resume_exactly():
     """data.batches_ahead: the same batches and states as batches made in next(); the state is that of the last
     batch handed out, not of the ones made ahead; loading a state mid-stream rewinds exactly."""
     before = set(batch_threads())  # other tests' (dropped) streams may still be ending theirs
-    for mode in ("truncate_pad", "packed"):
-        cfg = local_cfg(mode=mode, seq_len=48, train={"type": "local", "files": [str(C4_VAL)], "shuffle_buffer": 50})
+    for mode, windows in (("truncate_pad", None), ("packed", None), ("packed", 20)):
+        cfg = local_cfg(mode=mode, seq_len=48, train={"type": "local", "files": [str(C4_VAL)], "shuffle_buffer": 50},
+                        window_shuffle_buffer=windows)
         loop = build_data(cfg | {"batches_ahead": 0}, micro_batch_size=8)
         ref = [(next(loop.train), loop.train.state_dict()) for _ in range(30)]
         ahead = build_data(cfg | {"batches_ahead": 3, "num_workers": 2, "chunk_docs": 16}, micro_batch_size=8)
@@ -531,6 +620,14 @@ def test_config_errors():
         parse_config(local_cfg(mode="pack"))
     with pytest.raises(ValueError, match="rank"):
         build_data(local_cfg(), micro_batch_size=2, rank=2, world_size=2)
+    for bad in (0, -5, "many", True):
+        with pytest.raises(ValueError, match="window_shuffle_buffer must be a number of windows >= 1, or null"):
+            parse_config(local_cfg(window_shuffle_buffer=bad))
+    for bad in (0, -1.0, "x"):
+        with pytest.raises(ValueError, match=r"files\[0\].weight must be a number > 0"):
+            parse_config(local_cfg(train={"type": "local", "files": [{"path": str(C4_VAL), "weight": bad}]}))
+    with pytest.raises(ValueError, match="interleave must be true or false"):
+        parse_config(local_cfg(train={"type": "local", "files": [str(C4_VAL)], "interleave": "yes"}))
 
 
 def test_vocab_checks():

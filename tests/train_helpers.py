@@ -16,6 +16,7 @@ CONFIG_DIR = str(ROOT / "configs")
 
 # a small, fast setup on the real C4 sample: micro model with the shared 32k vocabulary, short sequences
 C4_SMALL = ["data=c4_local", "data.seq_len=64", "data.num_workers=0", "data.eval_tokens=4000",
+            "data.window_shuffle_buffer=64",  # packed runs: a small buffer, quick to fill
             "model=micro", "model.vocab_size=32000", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
             "trainer.log_every=1", "trainer.eval_every=1000", "checkpoint.export_hf=false"]
 

@@ -18,7 +18,8 @@ class Data:
     """Tokenizer, this rank's training stream and the fixed validation set of one data config."""
 
     def __init__(self, cfg: DataConfig, tok: LoadedTokenizer, train_source: Source, eval_source: Source, *,
-                 micro_batch_size: int, rank: int, world_size: int, extra_eval_sources: dict | None = None):
+                 micro_batch_size: int, rank: int, world_size: int, extra_eval_sources: dict | None = None,
+                 train_seed: int = 0):
         self.config = cfg
         self.tokenizer = tok.tokenizer
         self.tokenizer_description = tok.description
@@ -37,7 +38,8 @@ class Data:
         loader = TrainLoader(
             train_source, self._settings, mode=cfg.mode, seq_len=cfg.seq_len, micro_batch_size=micro_batch_size,
             pad_id=tok.pad_id, rank=rank, world_size=world_size,
-            fingerprint=hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16])
+            fingerprint=hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16],
+            window_shuffle_buffer=cfg.window_shuffle_buffer, window_seed=train_seed)
         self.train = BatchesAhead(loader, cfg.batches_ahead)
         self.entropy_per_token: float | None = None  # the loss floor, when the corpus is synthetic
         if cfg.train.type == "synthetic":
@@ -103,4 +105,4 @@ def build_data(data_cfg: Mapping, *, micro_batch_size: int, rank: int = 0, world
     eval_source = build_source(cfg, "eval", eval_seed)
     extra = {name: build_source(cfg, f"extra_eval.{name}", eval_seed, src) for name, src in cfg.extra_eval.items()}
     return Data(cfg, tok, train_source, eval_source, micro_batch_size=micro_batch_size, rank=rank,
-                world_size=world_size, extra_eval_sources=extra)
+                world_size=world_size, extra_eval_sources=extra, train_seed=train_seed)

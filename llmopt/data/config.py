@@ -11,6 +11,11 @@ Keys (top level):
   train, eval     sources (below); eval is read whole-stream, never split across ranks
   extra_eval      more held-out sets, {name: source}, evaluated with eval and logged as eval/<name>/...
                   (each cut to eval_tokens like eval); default none
+  window_shuffle_buffer
+                  packed mode: windows held in the shuffle buffer that each training window is drawn from
+                  (int32: seq_len x 4 bytes each, e.g. 16 MiB for 16384 windows of 256 tokens; the buffer travels
+                  in checkpoints), so that a batch mixes many documents instead of consecutive windows of a few
+                  long ones; null = the packer's order. The truncate_pad stream keeps the papers' document order.
   eval_tokens     the validation set: the first sequences of the eval stream holding at least this many
                   non-pad tokens (10M in the protocol); null = the whole eval source
   shuffle_seed    seed of the sources' shuffle; null = the run seed for train and 0 for eval
@@ -27,15 +32,19 @@ A source is a mapping with `type`:
   hub        path, name, split, text_field, shuffle_buffer     -> datasets.load_dataset(path, name, split=split,
                                                                   streaming=True)
   local      files (paths or globs), format (auto|json|text|parquet), text_field, text_unit
-             (line|paragraph|file, for plain text), shuffle_buffer. A files entry may also be a mapping
-             {path, start, stop}: only documents start..stop-1 of each matching file (0-based, stop null =
-             to the end), e.g. to hold out the first articles of a shard for evaluation and train on the rest
+             (line|paragraph|file, for plain text), shuffle_buffer, interleave. A files entry may also be a mapping
+             {path, start, stop, weight}: only documents start..stop-1 of each matching file (0-based, stop null =
+             to the end), e.g. to hold out the first articles of a shard for evaluation and train on the rest.
+             interleave (default true): several files are read side by side, each next document drawn from file f
+             with probability weight_f (default 1) / the sum over the files not yet used up in the epoch, each file
+             through its own shuffle buffer; false: one file after another (llmopt.data.sources)
   synthetic  split, num_docs, shuffle_buffer
 `shuffle_buffer` 0 keeps the stream's order; > 0 is datasets' `shuffle(seed, buffer_size)`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,12 +57,12 @@ TEXT_UNITS = ("line", "paragraph", "file")
 
 _SOURCE_KEYS = {
     "hub": {"type", "path", "name", "split", "text_field", "shuffle_buffer"},
-    "local": {"type", "files", "format", "text_field", "text_unit", "shuffle_buffer"},
+    "local": {"type", "files", "format", "text_field", "text_unit", "shuffle_buffer", "interleave"},
     "synthetic": {"type", "split", "num_docs", "shuffle_buffer"},
 }
 _TOP_KEYS = {"name", "mode", "seq_len", "tokenizer", "vocab_size", "train", "eval", "extra_eval", "eval_tokens",
              "shuffle_seed", "num_workers", "on_bad_record", "data_dir", "synthetic", "chunk_docs", "prefetch",
-             "batches_ahead", "hub_timeout_s"}
+             "batches_ahead", "hub_timeout_s", "window_shuffle_buffer"}
 _REQUIRED = ("mode", "seq_len", "tokenizer", "train", "eval")
 DATA_DIR_HINT = "data.data_dir (or the LLMOPT_DATA_DIR environment variable the local configs read)"
 
@@ -68,10 +77,12 @@ def project_root() -> Path:
 
 @dataclass(frozen=True)
 class FileSpec:
-    """A local source's files entry: a path or glob, and the documents [start, stop) kept of each match."""
+    """A local source's files entry: a path or glob, the documents [start, stop) kept of each match, and each
+    match's weight when the source interleaves its files."""
     path: str
     start: int = 0
     stop: int | None = None
+    weight: float = 1.0
 
     def describe(self) -> str:
         if self.start == 0 and self.stop is None:
@@ -89,6 +100,7 @@ class SourceConfig:
     format: str = "auto"             # local
     text_field: str = "text"         # hub, local json/parquet
     text_unit: str = "paragraph"     # local plain text
+    interleave: bool = True          # local: several files read side by side
     num_docs: int = 0                # synthetic
     shuffle_buffer: int = 0
 
@@ -113,6 +125,7 @@ class DataConfig:
     prefetch: int = 4
     batches_ahead: int = 4
     hub_timeout_s: float = 10.0
+    window_shuffle_buffer: int | None = None
 
     def resolve(self, path: str) -> Path:
         """A config path: absolute, or relative to data_dir."""
@@ -162,6 +175,8 @@ def _source(where: str, raw) -> SourceConfig:
     if kind == "hub" and not src.path:
         raise ValueError(f"data.{where}.path must name a Hub dataset, e.g. allenai/c4")
     if kind == "local":
+        if not isinstance(src.interleave, bool):
+            raise ValueError(f"data.{where}.interleave must be true or false, got {src.interleave!r}")
         if src.format not in FORMATS:
             raise ValueError(f"data.{where}.format must be one of {FORMATS}, got {src.format!r}")
         if src.text_unit not in TEXT_UNITS:
@@ -176,10 +191,14 @@ def _file_spec(where: str, raw) -> FileSpec:
         return FileSpec(raw)
     if not isinstance(raw, dict) or not isinstance(raw.get("path"), str) or not raw["path"]:
         raise ValueError(f"{where} must be a path (or glob), or a mapping {{path, start, stop}}, got {raw!r}")
-    _check_keys(where, raw, {"path", "start", "stop"})
+    _check_keys(where, raw, {"path", "start", "stop", "weight"})
     start = raw.get("start") if raw.get("start") is not None else 0
+    weight = raw.get("weight") if raw.get("weight") is not None else 1.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        raise ValueError(f"{where}.weight must be a number > 0 (the file's share of the interleaved draws), got "
+                         f"{weight!r}")
     spec = FileSpec(raw["path"], _int(f"{where}.start", start, 0),
-                    None if raw.get("stop") is None else _int(f"{where}.stop", raw["stop"], 1))
+                    None if raw.get("stop") is None else _int(f"{where}.stop", raw["stop"], 1), float(weight))
     if spec.stop is not None and spec.stop <= spec.start:
         raise ValueError(f"{where}: stop ({spec.stop}) must be greater than start ({spec.start}); the range "
                          f"[start, stop) of documents kept would be empty")
@@ -226,6 +245,10 @@ def parse_config(data_cfg: Mapping) -> DataConfig:
     _int("data.chunk_docs", cfg.chunk_docs, 1)
     _int("data.prefetch", cfg.prefetch, 1)
     _int("data.batches_ahead", cfg.batches_ahead, 0)
+    if cfg.window_shuffle_buffer is not None and (isinstance(cfg.window_shuffle_buffer, bool) or not isinstance(
+            cfg.window_shuffle_buffer, int) or cfg.window_shuffle_buffer < 1):
+        raise ValueError(f"data.window_shuffle_buffer must be a number of windows >= 1, or null for the packer's "
+                         f"order, got {cfg.window_shuffle_buffer!r}")
     if cfg.vocab_size is not None:
         _int("data.vocab_size", cfg.vocab_size, 3)
     if cfg.eval_tokens is not None:

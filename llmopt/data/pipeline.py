@@ -16,7 +16,8 @@ back in stream order. Hence:
 The cost is that each worker parses (and, from the Hub, downloads) the rank's whole record stream.
 
 State: where the training loop has consumed up to, not where the workers or the batch thread are: (epoch, index
-of the next record in this rank's epoch stream) plus, in packed mode, the tokens left in the pack buffer. Whatever
+of the next record in this rank's epoch stream) plus, in packed mode, the tokens left in the pack buffer and the
+window shuffle buffer (its windows and its generator's state). Whatever
 the workers prefetched beyond that is dropped on resume and tokenized again. Resuming re-opens the rank's stream at
 the start of that epoch (same seed, same `set_epoch`, so the same shuffled order; datasets' own state_dict
 would lose the shuffle buffer) and skips `index` records at the raw level, without tokenizing them: free for
@@ -27,7 +28,9 @@ Sequence modes
 truncate_pad  one document per row: the tokenizer's encoding (T5: pieces + EOS) truncated to seq_len, padded
               with pad_id; labels are -100 on padding; attention_mask marks the document's tokens.
 packed        documents (pieces + EOS) are concatenated and cut into rows of exactly seq_len tokens; the rest
-              of a long document continues into the next rows (nothing is thrown away); no padding.
+              of a long document continues into the next rows (nothing is thrown away); no padding. With
+              data.window_shuffle_buffer, each row is then drawn at random from a buffer of that many windows
+              (WindowShuffle), so that the consecutive windows of a long document spread over many batches.
 Labels are NOT shifted (transformers shifts them inside the model).
 """
 
@@ -50,7 +53,7 @@ from llmopt.data.encode import Encoder
 from llmopt.data.sources import Source
 
 log = logging.getLogger("llmopt.data")
-STATE_FORMAT = "llmopt.data/1"
+STATE_FORMAT = "llmopt.data/2"  # /1: before the window shuffle (loads where it is off)
 
 
 class BadRecordError(ValueError):
@@ -235,11 +238,65 @@ def pad_rows(docs: list[np.ndarray], seq_len: int, pad_id: int) -> tuple[np.ndar
     return rows, lengths
 
 
+class WindowShuffle:
+    """Packed windows drawn at random from a buffer of `capacity` windows: each window handed out leaves a place
+    that the next packed window takes (datasets' shuffle-buffer rule, one window at a time), so that a batch mixes
+    many documents rather than consecutive windows of a few long ones. The windows are kept as separate immutable
+    rows, so that a snapshot after every batch (BatchesAhead) copies references, not the buffer."""
+
+    def __init__(self, capacity: int, seed: list[int]):
+        self.capacity = capacity
+        self.rows: list[np.ndarray] = []     # int32 [seq_len] each
+        self.docs: list[int] = []            # the document of each row's first token
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.capacity
+
+    def add(self, rows: np.ndarray, docs: np.ndarray) -> None:
+        """Fill the buffer (before it is full)."""
+        self.rows.extend(np.array(r) for r in rows)  # own copies: a kept view would keep its whole batch alive
+        self.docs.extend(docs.tolist())
+
+    def exchange(self, rows: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hand out len(rows) windows drawn from the full buffer, each place refilled by the next of `rows`."""
+        out_rows, out_docs = [], []
+        for k, place in enumerate(self.rng.integers(0, self.capacity, size=len(rows)).tolist()):
+            out_rows.append(self.rows[place])
+            out_docs.append(self.docs[place])
+            self.rows[place], self.docs[place] = np.array(rows[k]), int(docs[k])
+        return np.stack(out_rows), np.array(out_docs, dtype=np.int64)
+
+    def snapshot(self) -> dict:
+        return {"capacity": self.capacity, "rows": list(self.rows), "docs": list(self.docs),
+                "rng": self.rng.bit_generator.state}
+
+    @staticmethod
+    def materialize(snapshot: dict, seq_len: int) -> dict:
+        """A snapshot as checkpoint values (tensors, ints)."""
+        rows = np.stack(snapshot["rows"]) if snapshot["rows"] else np.zeros((0, seq_len), np.int32)
+        return {"windows": torch.from_numpy(rows), "window_docs": torch.tensor(snapshot["docs"], dtype=torch.int64),
+                "window_rng": snapshot["rng"]}
+
+    def load(self, state: dict) -> None:
+        self.rows = [np.array(r, dtype=np.int32) for r in state["windows"].numpy()]
+        self.docs = state["window_docs"].tolist()
+        self.rng.bit_generator.state = state["window_rng"]
+
+
+def doc_id(epoch: int, index: int) -> int:
+    """A document's identity in the training stream: its epoch and its record index in that epoch."""
+    return (epoch << 32) | index
+
+
 class TrainLoader:
-    """This rank's infinite stream of training batches, with an exact state_dict (see the module docstring)."""
+    """This rank's infinite stream of training batches, with an exact state_dict (see the module docstring).
+    In packed mode `last_docs` holds, for each row of the last batch, the document of its first token (doc_id)."""
 
     def __init__(self, source: Source, settings: StreamSettings, *, mode: str, seq_len: int,
-                 micro_batch_size: int, pad_id: int, rank: int, world_size: int, fingerprint: str):
+                 micro_batch_size: int, pad_id: int, rank: int, world_size: int, fingerprint: str,
+                 window_shuffle_buffer: int | None = None, window_seed: int = 0):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.source, self.settings = source, settings
@@ -247,7 +304,11 @@ class TrainLoader:
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint
         self._epoch, self._index, self._batches, self._bad = 0, 0, 0, 0
         self._buffer = np.zeros(0, np.int32)   # packed mode: tokens read but not yet emitted
+        self._buffer_doc = 0                   # ... all of one document (the tail of the last one read)
+        self._windows = (WindowShuffle(window_shuffle_buffer, [window_seed, rank, 0x5EED])
+                         if mode == "packed" and window_shuffle_buffer else None)
         self._docs: DocStream | None = None
+        self.last_docs = np.zeros(0, np.int64)
 
     def __iter__(self):
         return self
@@ -262,14 +323,13 @@ class TrainLoader:
             if self.mode == "truncate_pad":
                 rows, lengths = pad_rows(docs.next_docs(self.batch_size), self.seq_len, self.pad_id)
             else:
-                need = self.batch_size * self.seq_len
-                parts, have = [self._buffer], len(self._buffer)
-                while have < need:
-                    parts.append(docs.next_doc())
-                    have += len(parts[-1])
-                flat = np.concatenate(parts)
-                rows, lengths = flat[:need].reshape(self.batch_size, self.seq_len), None
-                self._buffer = flat[need:].copy()  # a copy, so that the chunks' arrays can be freed
+                lengths = None
+                windows = self._windows
+                while windows is not None and not windows.full:
+                    windows.add(*self._pack(docs, min(self.batch_size, windows.capacity - len(windows.rows))))
+                rows, self.last_docs = self._pack(docs, self.batch_size)
+                if windows is not None:
+                    rows, self.last_docs = windows.exchange(rows, self.last_docs)
         except BaseException:
             self.close()  # the state stays at the last whole batch; the next call re-opens the stream there
             raise
@@ -277,6 +337,22 @@ class TrainLoader:
         self._bad += docs.bad_records - bad_before
         self._batches += 1
         return make_batch(rows, lengths)
+
+    def _pack(self, docs: DocStream, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n packed windows and the document of each one's first token."""
+        need = n * self.seq_len
+        parts, ids, have = [self._buffer], [self._buffer_doc], len(self._buffer)
+        while have < need:
+            parts.append(docs.next_doc())
+            ids.append(doc_id(docs.epoch, docs.index - 1))
+            have += len(parts[-1])
+        flat = np.concatenate(parts)
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        first_docs = np.asarray(ids, dtype=np.int64)[np.searchsorted(starts, np.arange(n) * self.seq_len,
+                                                                     side="right") - 1]
+        self._buffer = flat[need:].copy()  # a copy, so that the chunks' arrays can be freed
+        self._buffer_doc = ids[-1]
+        return flat[:need].reshape(n, self.seq_len), first_docs
 
     @property
     def bad_records(self) -> int:
@@ -287,14 +363,22 @@ class TrainLoader:
     def epoch(self) -> int:
         return self._epoch
 
+    def snapshot(self) -> dict:
+        """The state after the last batch, cheap to take after every batch (see state_dict)."""
+        state = {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "mode": self.mode,
+                 "seq_len": self.seq_len, "micro_batch_size": self.batch_size, "rank": self.rank,
+                 "world_size": self.world_size, "epoch": self._epoch, "index": self._index,
+                 "batches": self._batches, "bad_records": self._bad, "buffer": torch.from_numpy(self._buffer.copy()),
+                 "buffer_doc": self._buffer_doc}
+        if self._windows is not None:
+            state["window_shuffle"] = self._windows.snapshot()
+        return state
+
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "mode": self.mode,
-                "seq_len": self.seq_len, "micro_batch_size": self.batch_size, "rank": self.rank,
-                "world_size": self.world_size, "epoch": self._epoch, "index": self._index,
-                "batches": self._batches, "bad_records": self._bad, "buffer": torch.from_numpy(self._buffer.copy())}
+        return materialize(self.snapshot(), self.seq_len)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in (STATE_FORMAT, "llmopt.data/1"):
             raise ValueError(f"not a data-loader state of this version ({state.get('format')!r} != {STATE_FORMAT!r})")
         mine = {"fingerprint": self.fingerprint, "rank": self.rank, "world_size": self.world_size}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
@@ -303,16 +387,38 @@ class TrainLoader:
                              f"with the same data config (source, tokenizer, mode, seq_len) and world size.")
         if self.mode == "truncate_pad" and len(state["buffer"]):
             raise ValueError("a truncate_pad stream has no pack buffer; this state is corrupt")
+        capacity = self._windows.capacity if self._windows is not None else None
+        saved = state.get("window_capacity")
+        if saved != capacity:
+            def shown(n):
+                return "null" if n is None else n
+            raise ValueError(f"cannot resume this data stream from that state: it was written with "
+                             f"data.window_shuffle_buffer={shown(saved)}, this run has {shown(capacity)}; resume "
+                             f"with data.window_shuffle_buffer={shown(saved)}")
         self.close()
         self._epoch, self._index = int(state["epoch"]), int(state["index"])
         self._batches, self._bad = int(state["batches"]), int(state["bad_records"])
         self._buffer = np.asarray(state["buffer"], dtype=np.int32).copy()
+        self._buffer_doc = int(state.get("buffer_doc", 0))
+        if self._windows is not None:
+            self._windows.load(state)
 
     def close(self) -> None:
         """Stop the workers; the next batch re-opens the stream at the current position."""
         if self._docs is not None:
             self._docs.close()
             self._docs = None
+
+
+def materialize(snapshot: dict, seq_len: int) -> dict:
+    """A TrainLoader snapshot as its state_dict: the shuffle buffer's rows as one tensor (checkpoint values only)."""
+    state = {k: v for k, v in snapshot.items() if k != "window_shuffle"}
+    shuffle = snapshot.get("window_shuffle")
+    state["window_capacity"] = None
+    if shuffle is not None:
+        state.update(WindowShuffle.materialize(shuffle, seq_len))
+        state["window_capacity"] = shuffle["capacity"]
+    return state
 
 
 class BatchesAhead:
@@ -326,7 +432,7 @@ class BatchesAhead:
         if depth < 0:
             raise ValueError(f"data.batches_ahead must be >= 0, got {depth}")
         self.loader, self.depth = loader, depth
-        self._state = loader.state_dict()
+        self._state = loader.snapshot()   # after the last batch handed out
         self._thread: threading.Thread | None = None
 
     def __iter__(self):
@@ -335,7 +441,7 @@ class BatchesAhead:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.depth == 0:
             batch = next(self.loader)
-            self._state = self.loader.state_dict()
+            self._state = self.loader.snapshot()
             return batch
         if self._thread is None:
             self._queue, self._stop = queue.Queue(self.depth), threading.Event()
@@ -357,7 +463,7 @@ class BatchesAhead:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            self.loader.load_state_dict(self._state)
+            self.loader.load_state_dict(self.state_dict())
 
     @property
     def bad_records(self) -> int:
@@ -368,12 +474,12 @@ class BatchesAhead:
         return int(self._state["epoch"])
 
     def state_dict(self) -> dict:
-        return dict(self._state)
+        return materialize(self._state, self.loader.seq_len)
 
     def load_state_dict(self, state: dict) -> None:
         self._halt()
         self.loader.load_state_dict(state)
-        self._state = self.loader.state_dict()
+        self._state = self.loader.snapshot()
 
     def close(self) -> None:
         """Stop the thread and the workers; the next batch re-opens the stream after the last one handed out."""
@@ -382,7 +488,7 @@ class BatchesAhead:
 
 
 def _make_batches(loader: TrainLoader, out: queue.Queue, stop: threading.Event) -> None:
-    """BatchesAhead's thread: (batch, loader state after it) into `out` until `stop`; an error from the loader
+    """BatchesAhead's thread: (batch, loader snapshot after it) into `out` until `stop`; an error from the loader
     goes into `out` after the batches made before it."""
 
     def put(item) -> None:
@@ -392,7 +498,7 @@ def _make_batches(loader: TrainLoader, out: queue.Queue, stop: threading.Event) 
 
     try:
         while not stop.is_set():
-            put((next(loader), loader.state_dict()))
+            put((next(loader), loader.snapshot()))
     except BaseException as error:
         put((None, error))
 

@@ -8,6 +8,13 @@ whole file on one malformed line, and we need to skip-and-count such lines or fa
 A source yields records (text, error): a document's text, or (None, message) for a record that could not be
 parsed; the pipeline skips or fails on those (data.on_bad_record). Every record keeps its place in the stream,
 which is what makes a resume position (epoch, record index) exact.
+
+A local source of several files reads them side by side by default (`interleave: true`, InterleavedSource): each
+file is shuffled through its own buffer, and each next record comes from file f with probability weight_f / the
+sum of the weights of the files not yet used up in this epoch; the draws are seeded by (seed, epoch), so that the
+order is llmopt's own and does not change with the datasets version. The ranks then split that one stream record
+by record. `interleave: false` reads the files one after another (datasets shuffles their order each epoch and
+hands whole files to the ranks when their count divides the world size).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import Features, IterableDataset, Value, load_dataset
 from datasets.distributed import split_dataset_by_node
 
@@ -82,10 +90,11 @@ def file_format(path: str, fmt: str) -> str:
     return fmt
 
 
-def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[tuple[str, int, int | None]]:
+def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[tuple[str, int, int | None, float]]:
     """The files of a local source, globs expanded, checked to exist and be non-empty, each with the range
-    [start, stop) of its documents that the source keeps."""
-    files: list[tuple[str, int, int | None]] = []
+    [start, stop) of its documents that the source keeps and its interleaving weight (each match of a glob gets
+    the entry's weight)."""
+    files: list[tuple[str, int, int | None, float]] = []
     for spec in src.files:
         pattern = spec.path
         path = cfg.resolve(pattern)
@@ -104,7 +113,7 @@ def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[tuple[s
             if os.path.getsize(match) == 0:
                 raise ValueError(f"data.{role}.files: {match} is empty (0 bytes); remove it from the list")
             file_format(match, src.format)  # fails early on an unknown extension
-        files.extend((match, spec.start, spec.stop) for match in matches)
+        files.extend((match, spec.start, spec.stop, spec.weight) for match in matches)
     return files
 
 
@@ -269,6 +278,34 @@ class Source:
                     yield text, None
 
 
+class InterleavedSource:
+    """Several sources read side by side (see the module docstring): the same `records` contract as Source."""
+
+    def __init__(self, description: str, parts: list[Source], weights: list[float], seed: int, fingerprint: dict):
+        self.description, self.parts, self.weights, self.seed = description, parts, weights, seed
+        self.shuffle_buffer, self.shuffle_seed = parts[0].shuffle_buffer, seed
+        self.fingerprint = fingerprint
+
+    def records(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[str | None, str | None]]:
+        merged = self._merged(epoch)
+        # every rank reads the whole merged stream and keeps its share (reading is cheap next to tokenizing)
+        return itertools.islice(merged, rank, None, world_size) if world_size > 1 else merged
+
+    def _merged(self, epoch: int) -> Iterator[tuple[str | None, str | None]]:
+        streams = [part.records(epoch) for part in self.parts]
+        weights = np.asarray(self.weights, dtype=np.float64)
+        rng = np.random.default_rng([self.seed, epoch])
+        active = list(range(len(streams)))
+        while active:
+            p = weights[active] / weights[active].sum()
+            for pick in rng.choice(len(active), size=4096, p=p).tolist():
+                record = next(streams[active[pick]], None)
+                if record is None:  # that file is used up: draw again among the others
+                    del active[pick]
+                    break
+                yield record
+
+
 def build_source(cfg: DataConfig, role: str, shuffle_seed: int, src: SourceConfig | None = None) -> Source:
     """The Source of data.<role> ("train", "eval", or "extra_eval.<name>" with its `src`); Hub sources are
     probed first (fail fast offline)."""
@@ -287,18 +324,24 @@ def build_source(cfg: DataConfig, role: str, shuffle_seed: int, src: SourceConfi
         return Source(what, ds, src.text_field, src.shuffle_buffer, shuffle_seed, fingerprint)
     if src.type == "local":
         files = resolve_files(cfg, src, role)
-        paths, ranges = [f[0] for f in files], [f[1:] for f in files]
-        ds = IterableDataset.from_generator(
-            read_local_files, features=_RECORD_FEATURES,
-            gen_kwargs={"files": paths, "fmt": src.format, "text_field": src.text_field, "text_unit": src.text_unit,
-                        "doc_ranges": ranges})
+        paths, ranges = [f[0] for f in files], [(f[1], f[2]) for f in files]
         fingerprint = {"type": "local", "files": [Path(p).name for p in paths], "text_field": src.text_field,
                        "text_unit": src.text_unit}
         if any(r != (0, None) for r in ranges):  # only when used: earlier checkpoints still resume
             fingerprint["doc_ranges"] = [list(r) for r in ranges]
-        described = [FileSpec(*f).describe() for f in files]
-        return Source(f"data.{role} (local files {described})", ds, "text", src.shuffle_buffer, shuffle_seed,
-                      fingerprint)
+        described = [FileSpec(f[0], f[1], f[2]).describe() for f in files]
+        what = f"data.{role} (local files {described})"
+        if not src.interleave or len(files) == 1:
+            return Source(what, _local_dataset(src, paths, ranges), "text", src.shuffle_buffer, shuffle_seed,
+                          fingerprint)
+        weights = [f[3] for f in files]
+        fingerprint["interleave"] = weights  # another order than reading the files one after another
+        # each file its own shuffle seed, so that the buffers do not draw in step
+        seeds = np.random.SeedSequence([shuffle_seed, len(files)]).generate_state(len(files)).tolist()
+        parts = [Source(f"{what}: {name}", _local_dataset(src, [path], [rng]), "text", src.shuffle_buffer, seed, {})
+                 for name, path, rng, seed in zip(described, paths, ranges, seeds)]
+        return InterleavedSource(f"{what}, interleaved with weights {weights}", parts, weights, shuffle_seed,
+                                 fingerprint)
     spec = SyntheticSpec.from_mapping(cfg.synthetic)
     corpus = SyntheticCorpus(spec)
     n_blocks = -(-src.num_docs // spec.block_docs)
@@ -308,3 +351,11 @@ def build_source(cfg: DataConfig, role: str, shuffle_seed: int, src: SourceConfi
     fingerprint = {"type": "synthetic", "split": src.split, "num_docs": src.num_docs, **vars(spec)}
     return Source(f"data.{role} (synthetic corpus, split {src.split})", ds, "text", src.shuffle_buffer,
                   shuffle_seed, fingerprint)
+
+
+def _local_dataset(src: SourceConfig, paths: list[str], ranges: list[tuple[int, int | None]]) -> IterableDataset:
+    """The records of local files as a datasets stream, one shard per file."""
+    return IterableDataset.from_generator(
+        read_local_files, features=_RECORD_FEATURES,
+        gen_kwargs={"files": paths, "fmt": src.format, "text_field": src.text_field, "text_unit": src.text_unit,
+                    "doc_ranges": ranges})

@@ -365,7 +365,8 @@ IDENTITY_SECTIONS = ("seed", "model", "optimizer", "lookahead", "schedule")
 # (eval_precision: one run's evaluations are all in one precision)
 IDENTITY_KEYS = {"trainer": ("steps", "global_batch_size", "precision", "grad_clip", "loss_weighting",
                              "eval_precision", "loss_dtype"),
-                 "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train")}
+                 "data": ("name", "mode", "seq_len", "tokenizer", "vocab_size", "shuffle_seed", "train",
+                          "window_shuffle_buffer")}
 
 
 def run_identity(cfg: DictConfig) -> dict:
