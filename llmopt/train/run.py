@@ -328,7 +328,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
         summary = trainer.fit()
         # a run resumed at its end trained nothing: its checkpoint is already there
         if (cfg.checkpoint.final or trainer.preempted) and trainer.step > start_step:
-            trainer.raise_if_nonfinite_since()
+            trainer.check_before_checkpoint()
             checkpointer.save(trainer)
         if cfg.checkpoint.export_hf and not trainer.preempted and accelerator.is_main_process:
             export_hf(accelerator.unwrap_model(loss_model).lm, run_dir / "hf_model")

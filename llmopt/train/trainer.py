@@ -232,6 +232,20 @@ class Trainer:
                                  f"step {first - 1}. Lower the learning rate, set trainer.grad_clip, or set "
                                  "trainer.nonfinite=skip to skip such steps (checked every step).")
 
+    def check_before_checkpoint(self) -> None:
+        """Never write a diverged model: the losses since the last check, then the weights themselves (an update
+        can make them non-finite while its loss was finite), in one fused reduction and one host read."""
+        self.raise_if_nonfinite_since()
+        params = [p.detach() for p in self.model.parameters()]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(params)).float()).all().to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank stops together
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            raise NonFiniteError(f"the weights are not finite after step {self.step} (its loss was finite): no "
+                                 f"checkpoint was written after the last one. Lower the learning rate, set "
+                                 f"trainer.grad_clip, or set trainer.nonfinite=skip to skip steps whose loss or "
+                                 f"gradient is non-finite.")
+
     def _finite(self, loss: torch.Tensor, grad_norm) -> bool:
         bad = not torch.isfinite(loss).item() or (grad_norm is not None and not torch.isfinite(grad_norm).item())
         if not bad:
@@ -340,7 +354,7 @@ class Trainer:
                 self.loggers.log(metrics, step=self.step)
             if self.checkpointer is not None and self.step < self.schedule.num_updates and \
                     self.checkpointer.due(self.step):
-                self.raise_if_nonfinite_since()
+                self.check_before_checkpoint()
                 self.checkpointer.save(self)
             t_last += time.perf_counter() - paused
             if progress is not None:
