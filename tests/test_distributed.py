@@ -346,7 +346,8 @@ def test_trainer_refuses_whole_tensor_optimizers_under_fsdp(monkeypatch, optimiz
 
     import llmopt.train.run as run_module
 
-    fsdp = type("FSDPAccelerator", (), {"distributed_type": DistributedType.FSDP, "num_processes": WORLD})()
+    fsdp = type("FSDPAccelerator", (), {"distributed_type": DistributedType.FSDP, "num_processes": WORLD,
+                                     "device": torch.device("cpu")})()
     monkeypatch.setattr(run_module, "build_accelerator", lambda precision, device: fsdp)
 
     def next_step(*args, **kwargs):  # the first thing run() does once the check has passed
