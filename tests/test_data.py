@@ -36,7 +36,7 @@ from llmopt.data import (
     parse_config,
 )
 from llmopt.data import sources as sources_mod
-from llmopt.data.pipeline import DocStream
+from llmopt.data.pipeline import DocStream, WindowShuffle
 from llmopt.data.synthetic import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +269,42 @@ def test_window_shuffle_draws_each_packed_window_once():
                                                  30) for r in b["input_ids"]]
     assert shuffled != packed[: len(shuffled)] and len(set(shuffled)) == len(shuffled) == 120
     assert set(shuffled) <= set(packed[: 24 + 120])
+
+
+def test_window_shuffle_follows_the_one_window_at_a_time_rule_and_goes_back():
+    """The vectorized exchange equals the rule written one draw at a time (draw a place, hand out what it holds,
+    put the next window there), places drawn twice in a batch included; state_at rebuilds the buffer of an
+    earlier snapshot exactly, and refuses to go back further than it keeps."""
+    capacity, seq_len, batch = 12, 3, 8  # 8 draws from 12 places: most batches draw some place twice
+    shuffle = WindowShuffle(capacity, [7, 0], history=4)
+    rng = np.random.Generator(np.random.PCG64([7, 0]))
+    fresh = iter(range(10_000))
+
+    def windows(n):
+        ids = [next(fresh) for _ in range(n)]
+        return np.array([[i] * seq_len for i in ids], np.int32), np.array(ids, np.int64) * 10
+
+    rows, docs = windows(capacity)
+    shuffle.add(rows[:5], docs[:5])
+    shuffle.add(rows[5:], docs[5:])
+    ref_rows, ref_docs = [r.copy() for r in rows], list(docs)
+    snapshots, repeats = [(shuffle.snapshot(), rows.copy(), docs.copy())], 0
+    for _ in range(30):
+        new_rows, new_docs = windows(batch)
+        out_rows, out_docs = shuffle.exchange(new_rows, new_docs)
+        places = rng.integers(0, capacity, size=batch).tolist()
+        repeats += len(places) - len(set(places))
+        for k, place in enumerate(places):
+            assert np.array_equal(out_rows[k], ref_rows[place]) and out_docs[k] == ref_docs[place]
+            ref_rows[place], ref_docs[place] = new_rows[k].copy(), new_docs[k]
+        snapshots.append((shuffle.snapshot(), np.stack(ref_rows), np.array(ref_docs)))
+    assert repeats > 30
+    for back in range(5):  # the current state and up to `history` exchanges back
+        snapshot, want_rows, want_docs = snapshots[-1 - back]
+        state = shuffle.state_at(snapshot, seq_len)
+        assert np.array_equal(state["windows"].numpy(), want_rows) and np.array_equal(state["window_docs"], want_docs)
+    with pytest.raises(RuntimeError, match="cannot go back 5 exchanges: it keeps 4"):
+        shuffle.state_at(snapshots[-6][0], seq_len)
 
 
 # ---- exact resume --------------------------------------------------------------------------------------

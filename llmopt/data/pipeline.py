@@ -36,6 +36,7 @@ Labels are NOT shifted (transformers shifts them inside the model).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -241,47 +242,89 @@ def pad_rows(docs: list[np.ndarray], seq_len: int, pad_id: int) -> tuple[np.ndar
 class WindowShuffle:
     """Packed windows drawn at random from a buffer of `capacity` windows: each window handed out leaves a place
     that the next packed window takes (datasets' shuffle-buffer rule, one window at a time), so that a batch mixes
-    many documents rather than consecutive windows of a few long ones. The windows are kept as separate immutable
-    rows, so that a snapshot after every batch (BatchesAhead) copies references, not the buffer."""
+    many documents rather than consecutive windows of a few long ones.
 
-    def __init__(self, capacity: int, seed: list[int]):
+    The buffer is one array, changed in place by a few vectorized operations per batch: the batch thread
+    (BatchesAhead) shares the GIL with the training loop, so per-window Python work there slows the loop. A
+    snapshot after every batch is therefore only a position (`exchanges`, the fill and the generator's state);
+    `state_at` rebuilds the buffer at an earlier snapshot from the current one by undoing the exchanges made
+    since, which the buffer keeps (the last `history` of them: as many as the batch thread can be ahead)."""
+
+    def __init__(self, capacity: int, seed: list[int], history: int = 2):
         self.capacity = capacity
-        self.rows: list[np.ndarray] = []     # int32 [seq_len] each
-        self.docs: list[int] = []            # the document of each row's first token
+        self.rows: np.ndarray | None = None          # int32 [capacity, seq_len], allocated by the first add
+        self.docs = np.zeros(capacity, np.int64)     # the document of each row's first token
+        self.filled = 0                              # rows in use (the buffer fills before the first exchange)
+        self.exchanges = 0                           # exchange() calls so far
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._undo: collections.deque = collections.deque(maxlen=history)  # (exchanges after, places, rows, docs)
+        self._lock = threading.Lock()                # state_at (training loop) against exchange (batch thread)
 
     @property
     def full(self) -> bool:
-        return len(self.rows) == self.capacity
+        return self.filled == self.capacity
 
     def add(self, rows: np.ndarray, docs: np.ndarray) -> None:
         """Fill the buffer (before it is full)."""
-        self.rows.extend(np.array(r) for r in rows)  # own copies: a kept view would keep its whole batch alive
-        self.docs.extend(docs.tolist())
+        if self.rows is None:
+            self.rows = np.empty((self.capacity, rows.shape[1]), np.int32)
+        self.rows[self.filled: self.filled + len(rows)] = rows
+        self.docs[self.filled: self.filled + len(rows)] = docs
+        self.filled += len(rows)
 
     def exchange(self, rows: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Hand out len(rows) windows drawn from the full buffer, each place refilled by the next of `rows`."""
-        out_rows, out_docs = [], []
-        for k, place in enumerate(self.rng.integers(0, self.capacity, size=len(rows)).tolist()):
-            out_rows.append(self.rows[place])
-            out_docs.append(self.docs[place])
-            self.rows[place], self.docs[place] = np.array(rows[k]), int(docs[k])
-        return np.stack(out_rows), np.array(out_docs, dtype=np.int64)
+        """Hand out len(rows) windows drawn from the full buffer, each place refilled by the next of `rows`: the
+        k-th draw takes place p_k, which holds what the last earlier draw of p_k put there (rows[j]) or else what
+        the buffer held."""
+        places = self.rng.integers(0, self.capacity, size=len(rows))
+        order = np.argsort(places, kind="stable")
+        ordered = places[order]
+        repeat = np.zeros(len(rows), bool)
+        repeat[1:] = ordered[1:] == ordered[:-1]          # in sorted order: a place drawn before in this batch
+        last = np.ones(len(rows), bool)
+        last[:-1] = ~repeat[1:]                           # ... and the last draw of each place
+        out_rows, out_docs = self.rows[places], self.docs[places]
+        again = order[repeat]                             # draws of a place drawn before: what that draw put
+        before = order[np.flatnonzero(repeat) - 1]
+        out_rows[again], out_docs[again] = rows[before], docs[before]
+        first = order[~repeat]
+        with self._lock:
+            self.rows[ordered[last]], self.docs[ordered[last]] = rows[order[last]], docs[order[last]]
+            self.exchanges += 1
+            self._undo.append((self.exchanges, places[first], out_rows[first], out_docs[first]))
+        return out_rows, out_docs
+
+    def keep(self, history: int) -> None:
+        """Keep the last `history` exchanges for state_at."""
+        self._undo = collections.deque(self._undo, maxlen=history)
 
     def snapshot(self) -> dict:
-        return {"capacity": self.capacity, "rows": list(self.rows), "docs": list(self.docs),
+        return {"capacity": self.capacity, "filled": self.filled, "exchanges": self.exchanges,
                 "rng": self.rng.bit_generator.state}
 
-    @staticmethod
-    def materialize(snapshot: dict, seq_len: int) -> dict:
-        """A snapshot as checkpoint values (tensors, ints)."""
-        rows = np.stack(snapshot["rows"]) if snapshot["rows"] else np.zeros((0, seq_len), np.int32)
-        return {"windows": torch.from_numpy(rows), "window_docs": torch.tensor(snapshot["docs"], dtype=torch.int64),
+    def state_at(self, snapshot: dict, seq_len: int) -> dict:
+        """The buffer as it was at `snapshot` (of this buffer, at most `history` exchanges ago), as checkpoint
+        values (tensors, ints)."""
+        with self._lock:
+            rows = (self.rows[:snapshot["filled"]].copy() if self.rows is not None
+                    else np.zeros((0, seq_len), np.int32))
+            docs = self.docs[:snapshot["filled"]].copy()
+            undo = [u for u in self._undo if u[0] > snapshot["exchanges"]]
+            missing = self.exchanges - snapshot["exchanges"] - len(undo)
+        if missing:
+            raise RuntimeError(f"the window shuffle buffer cannot go back {self.exchanges - snapshot['exchanges']} "
+                               f"exchanges: it keeps {self._undo.maxlen}")
+        for _, places, old_rows, old_docs in reversed(undo):
+            rows[places], docs[places] = old_rows, old_docs
+        return {"windows": torch.from_numpy(rows), "window_docs": torch.from_numpy(docs),
                 "window_rng": snapshot["rng"]}
 
     def load(self, state: dict) -> None:
-        self.rows = [np.array(r, dtype=np.int32) for r in state["windows"].numpy()]
-        self.docs = state["window_docs"].tolist()
+        windows = state["windows"].numpy()
+        self.rows, self.filled, self.exchanges = None, 0, 0
+        self._undo.clear()
+        if len(windows):
+            self.add(windows, state["window_docs"].numpy())
         self.rng.bit_generator.state = state["window_rng"]
 
 
@@ -326,7 +369,7 @@ class TrainLoader:
                 lengths = None
                 windows = self._windows
                 while windows is not None and not windows.full:
-                    windows.add(*self._pack(docs, min(self.batch_size, windows.capacity - len(windows.rows))))
+                    windows.add(*self._pack(docs, min(self.batch_size, windows.capacity - windows.filled)))
                 rows, self.last_docs = self._pack(docs, self.batch_size)
                 if windows is not None:
                     rows, self.last_docs = windows.exchange(rows, self.last_docs)
@@ -375,7 +418,23 @@ class TrainLoader:
         return state
 
     def state_dict(self) -> dict:
-        return materialize(self.snapshot(), self.seq_len)
+        return self.materialize(self.snapshot())
+
+    def materialize(self, snapshot: dict) -> dict:
+        """A snapshot of this loader as its state_dict (checkpoint values): the shuffle buffer rebuilt as it was
+        then (at most `history` batches ago, see reserve_history)."""
+        state = {k: v for k, v in snapshot.items() if k != "window_shuffle"}
+        shuffle = snapshot.get("window_shuffle")
+        state["window_capacity"] = None
+        if shuffle is not None:
+            state.update(self._windows.state_at(shuffle, self.seq_len))
+            state["window_capacity"] = shuffle["capacity"]
+        return state
+
+    def reserve_history(self, batches: int) -> None:
+        """Let materialize() go back `batches` batches (BatchesAhead: as many as its thread can be ahead)."""
+        if self._windows is not None:
+            self._windows.keep(batches)
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") not in (STATE_FORMAT, "llmopt.data/1"):
@@ -410,17 +469,6 @@ class TrainLoader:
             self._docs = None
 
 
-def materialize(snapshot: dict, seq_len: int) -> dict:
-    """A TrainLoader snapshot as its state_dict: the shuffle buffer's rows as one tensor (checkpoint values only)."""
-    state = {k: v for k, v in snapshot.items() if k != "window_shuffle"}
-    shuffle = snapshot.get("window_shuffle")
-    state["window_capacity"] = None
-    if shuffle is not None:
-        state.update(WindowShuffle.materialize(shuffle, seq_len))
-        state["window_capacity"] = shuffle["capacity"]
-    return state
-
-
 class BatchesAhead:
     """A TrainLoader's batches made ahead on a background thread (`depth` ready, one more waiting for room;
     depth 0: made in the caller's next()), so that the training loop's host time goes to queueing GPU work, not
@@ -432,6 +480,9 @@ class BatchesAhead:
         if depth < 0:
             raise ValueError(f"data.batches_ahead must be >= 0, got {depth}")
         self.loader, self.depth = loader, depth
+        # the thread is at most depth + 1 batches ahead when state_dict() runs (depth queued, one waiting for
+        # room), and may be making one more
+        loader.reserve_history(depth + 2)
         self._state = loader.snapshot()   # after the last batch handed out
         self._thread: threading.Thread | None = None
 
@@ -464,6 +515,7 @@ class BatchesAhead:
             self._thread.join()
             self._thread = None
             self.loader.load_state_dict(self.state_dict())
+            self._state = self.loader.snapshot()  # the same position, as a snapshot of the reloaded buffer
 
     @property
     def bad_records(self) -> int:
@@ -474,7 +526,7 @@ class BatchesAhead:
         return int(self._state["epoch"])
 
     def state_dict(self) -> dict:
-        return materialize(self._state, self.loader.seq_len)
+        return self.loader.materialize(self._state)
 
     def load_state_dict(self, state: dict) -> None:
         self._halt()
