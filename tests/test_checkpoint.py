@@ -210,9 +210,10 @@ def test_a_chain_of_resumes_keeps_one_wandb_run_through_a_link_without_wandb(tmp
     run_in_process(tmp_path, [*base, "logger=wandb"], name="c")          # from 4: A's W&B run again
     ids = [p.name.rsplit("-", 1)[1] for p in sorted((tmp_path / "wandb").glob("offline-run-*"))]
     assert ids == [first_id, first_id]
-    # a run branched from a chosen checkpoint (not a requeue) gets its own W&B run, with the earlier records
-    _, branch = run_in_process(tmp_path, [*base, "logger=wandb", f"checkpoint.resume={ckpt / 'step_00000002'}"],
-                               name="d")
+    # a run branched from a chosen checkpoint (not a requeue) gets its own W&B run, with the earlier records (a new
+    # run in this checkpoint.dir: allowed beside the other's)
+    _, branch = run_in_process(tmp_path, [*base, "logger=wandb", f"checkpoint.resume={ckpt / 'step_00000002'}",
+                                          "checkpoint.allow_other_runs=true"], name="d")
     ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
     assert len(ids) == 2 and first_id in ids
     assert [r["step"] for r in metrics(branch) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]

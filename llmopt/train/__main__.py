@@ -17,6 +17,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from llmopt.data.sources import HubUnreachableError
+    from llmopt.train.lock import DirectoryLocked
     from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_unstarted, run
     from llmopt.train.trainer import NonFiniteError
 
@@ -28,6 +29,13 @@ def main(cfg: DictConfig) -> None:
         summary = run(cfg, run_dir)
     except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError) as err:
         remove_if_unstarted(run_dir)
+        print(f"llmopt: error: {err}", file=sys.stderr)
+        if sweeping:
+            return
+        sys.exit(2)
+    except DirectoryLocked as err:  # that directory is another run's: nothing of it is removed
+        if err.directory.resolve() != run_dir.resolve():
+            remove_if_unstarted(run_dir)
         print(f"llmopt: error: {err}", file=sys.stderr)
         if sweeping:
             return

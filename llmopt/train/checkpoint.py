@@ -5,7 +5,12 @@ rank<r>.pt (each rank's data-loader position and RNG states) and manifest.json, 
 every file's size and CRC32. A checkpoint is written into a temporary directory and renamed into
 place, so a process killed mid-write leaves the previous checkpoints untouched; on load the
 manifest is checked and a truncated or corrupt checkpoint is skipped, with a warning, for the
-previous one. The last `keep` checkpoints are kept.
+previous one.
+
+Each checkpoint's manifest names the run that wrote it (a run id, kept when a run resumes its own newest
+checkpoint; a branch from an older one, or a fresh start, is a new run) and when. Pruning keeps the run's own
+`keep` newest writes and never touches another run's; a checkpoint directory that holds another run's checkpoints
+is refused unless checkpoint.allow_other_runs (see claim()).
 
 Under DDP the replicas are identical, so rank 0 writes the model and optimizer; under FSDP every
 rank writes its own shard (model_rank<r>.pt, optimizer_rank<r>.pt) and resumes at the same world size.
@@ -20,6 +25,8 @@ import pickle
 import random
 import re
 import shutil
+import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -27,7 +34,12 @@ import numpy as np
 import torch
 
 log = logging.getLogger("llmopt")
-STEP_DIR = re.compile(r"^step_(\d{8})$")
+# step_<8 digits>, or step_<8 digits>-<run id> where another run's checkpoint of that step is there already
+STEP_DIR = re.compile(r"^step_(\d{8})(?:-[0-9a-f]{12})?$")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def crc32(path: Path, chunk: int = 1 << 24) -> int:
@@ -55,7 +67,7 @@ def set_rng_state(state: dict) -> None:
 
 class Checkpointer:
     def __init__(self, directory: str | Path, accelerator, every: int = 0, keep: int = 2, sharded: bool = False,
-                 identity: dict | None = None):
+                 identity: dict | None = None, allow_other_runs: bool = False, run_id: str | None = None):
         if every < 0 or keep < 1:
             raise ValueError(f"checkpoint.every must be >= 0 (0 = only at the end and on preemption) and "
                              f"checkpoint.keep >= 1, got every={every}, keep={keep}")
@@ -65,6 +77,9 @@ class Checkpointer:
         self.identity = identity  # the run's defining settings (run.run_identity): a resume must match them
         # where the run's records go ({"run_dir": ..., "wandb_id": ...}): a run resumed from a checkpoint continues them
         self.lineage: dict = {}
+        self.allow_other_runs = allow_other_runs
+        self.run_id = run_id or new_run_id()  # the same on every rank; claim() keeps the id of a run continued
+        self.own_ids: set[str | None] = {self.run_id}  # + None: checkpoints written before run ids existed
 
     # -- writing -------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -73,7 +88,9 @@ class Checkpointer:
     def save(self, trainer) -> Path:
         acc = self.accelerator
         final = self.directory / f"step_{trainer.step:08d}"
-        tmp = self.directory / f".tmp_step_{trainer.step:08d}"
+        if final.exists() and self.written_by(final) not in self.own_ids:  # another run's (allow_other_runs)
+            final = final.with_name(f"{final.name}-{self.run_id}")
+        tmp = final.with_name(f".tmp_{final.name}")
         rank, main = acc.process_index, acc.is_main_process
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +113,8 @@ class Checkpointer:
         acc.wait_for_everyone()
         if main:
             files = {p.name: {"size": p.stat().st_size, "crc32": crc32(p)} for p in sorted(tmp.iterdir())}
-            (tmp / "manifest.json").write_text(json.dumps({"step": trainer.step, "files": files}, indent=1))
+            (tmp / "manifest.json").write_text(json.dumps({"step": trainer.step, "run_id": self.run_id,
+                                                           "written_at": time.time(), "files": files}, indent=1))
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -107,14 +125,65 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        for old in self.checkpoints()[:-self.keep]:
+        """Delete this run's own checkpoints but the `keep` newest writes; another run's are not this run's to
+        delete."""
+        own = [p for p in self.checkpoints() if self.written_by(p) in self.own_ids]
+        for old in own[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    # -- ownership -----------------------------------------------------------------------------------
+    def claim(self, resume_from: Path | None, continue_run: bool) -> None:
+        """Decide which run this one is, before anything is written: the run of `resume_from` where it continues
+        it (`continue_run`: checkpoint.resume=auto, or a path to that run's newest checkpoint), else a new one (a
+        fresh start, or a branch from an older checkpoint). Then refuse a directory holding checkpoints of
+        another run, unless allow_other_runs: pruning keeps each run's own, but resume=auto would pick the other
+        run's newest write, and two runs' steps mix in one listing."""
+        if resume_from is not None:
+            previous = self.written_by(resume_from)
+            later = [p for p in self._written_order(resume_from.parent)
+                     if self.written_by(p) == previous and self._written_key(p) > self._written_key(resume_from)]
+            if continue_run or not later:
+                if previous is not None:
+                    self.run_id = previous
+                self.own_ids = {self.run_id, previous}
+        others = [p for p in self.checkpoints() if self.written_by(p) not in self.own_ids]
+        if others and not self.allow_other_runs:
+            runs = sorted({str(self.written_by(p)) for p in others})
+            raise ValueError(
+                f"checkpoint.dir {self.directory} holds {len(others)} checkpoint(s) of another run (run id(s) "
+                f"{', '.join(runs)}; {', '.join(p.name for p in others[:4])}{' ...' if len(others) > 4 else ''}). "
+                f"This run would be a new one there (a fresh start, or a branch from an older checkpoint): give it its "
+                f"own checkpoint.dir, continue that run with checkpoint.resume=auto, or set "
+                f"checkpoint.allow_other_runs=true to write beside them (each run then prunes only its own)")
+
+    @staticmethod
+    def written_by(path: Path) -> str | None:
+        """The run id in a checkpoint's manifest (None: written before run ids, or unreadable)."""
+        try:
+            return json.loads((path / "manifest.json").read_text()).get("run_id")
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _written_key(path: Path) -> tuple[float, int]:
+        """Write order: the manifest's time (its file's mtime for a checkpoint written before that), then step."""
+        step = int(STEP_DIR.match(path.name).group(1))
+        try:
+            when = json.loads((path / "manifest.json").read_text()).get("written_at")
+            return (float(when) if when is not None else (path / "manifest.json").stat().st_mtime, step)
+        except (OSError, ValueError):
+            return (float("-inf"), step)
+
+    @classmethod
+    def _written_order(cls, directory: Path) -> list[Path]:
+        if not directory.is_dir():
+            return []
+        return sorted((p for p in directory.iterdir() if STEP_DIR.match(p.name)), key=cls._written_key)
 
     # -- reading -------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.iterdir() if STEP_DIR.match(p.name))
+        """The checkpoints in the directory, oldest write first."""
+        return self._written_order(self.directory)
 
     @staticmethod
     def verify(path: Path) -> str | None:

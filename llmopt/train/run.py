@@ -6,6 +6,7 @@ Everything that can be checked is checked before the model is allocated or anyth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -24,7 +25,7 @@ from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss, check_loss
 from llmopt.optim import EMANesterov, build_optimizer, llmopt_memory_gb, paper_memory_gb, state_bytes
 from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
-from llmopt.train.checkpoint import Checkpointer, export_hf
+from llmopt.train.checkpoint import Checkpointer, export_hf, new_run_id
 from llmopt.train.reproducible import deterministic_mode
 from llmopt.train.schedule import make_schedule
 from llmopt.train.trainer import Trainer, TrainerConfig, WeightCopy
@@ -51,7 +52,7 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
 # the sections and keys of configs/train.yaml read here; a `+key` outside them would be silently ignored
 TOP_LEVEL_KEYS = ("seed", "run_name", "output_root", "checkpoint", "diagnostics", "model", "data", "optimizer",
                   "lookahead", "schedule", "trainer", "logger")
-CHECKPOINT_KEYS = ("dir", "every", "keep", "final", "resume", "export_hf")
+CHECKPOINT_KEYS = ("dir", "every", "keep", "final", "resume", "export_hf", "allow_other_runs")
 DIAGNOSTICS_KEYS = ("every", "init_device")
 
 
@@ -188,12 +189,12 @@ def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dic
     deterministic = bool(cfg.trainer.get("deterministic", False))
     attention_kernel = str(cfg.trainer.get("sdpa_backend", "auto"))
     check_sdpa_backend(attention_kernel, deterministic)  # before anything is built
-    with deterministic_mode(deterministic), sdpa_backend(attention_kernel):
-        return _run(cfg, run_dir, models, deterministic, attention_kernel)
+    with deterministic_mode(deterministic), sdpa_backend(attention_kernel), contextlib.ExitStack() as held:
+        return _run(cfg, run_dir, models, deterministic, attention_kernel, held)
 
 
 def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministic: bool,
-         attention_kernel: str) -> dict:
+         attention_kernel: str, held: contextlib.ExitStack) -> dict:
     from accelerate.utils import DistributedType
 
     from llmopt.data import build_data
@@ -232,7 +233,8 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     data = build_data(OmegaConf.to_container(cfg.data, resolve=True), micro_batch_size=tcfg.micro_batch_size,
                       rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed)
     data.check_vocab(model_config.vocab_size)
-    run_dir, checkpoint_dir = _same_on_every_rank(accelerator, run_dir, Path(cfg.checkpoint.dir))
+    run_dir, checkpoint_dir, run_id = _same_on_every_rank(accelerator, run_dir, Path(cfg.checkpoint.dir))
+    _lock_directories(accelerator, {"run directory": run_dir, "checkpoint directory": checkpoint_dir}, held)
 
     # -- build --------------------------------------------------------------------------------------
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
@@ -289,8 +291,10 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     checkpointer = Checkpointer(checkpoint_dir, accelerator, every=cfg.checkpoint.every,
                                 keep=cfg.checkpoint.keep,
                                 sharded=accelerator.distributed_type == DistributedType.FSDP,
-                                identity=run_identity(cfg))
+                                identity=run_identity(cfg),
+                                allow_other_runs=bool(cfg.checkpoint.get("allow_other_runs", False)), run_id=run_id)
     resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
+    checkpointer.claim(resume_from, continue_run=cfg.checkpoint.resume == "auto")
     resumed = Checkpointer.saved_meta(resume_from) if resume_from is not None else {}
     if resume_from is not None:
         checkpointer.check_identity(resume_from, resumed.get("identity"))  # before anything is written
@@ -347,17 +351,38 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     return summary
 
 
-def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tuple[Path, Path]:
-    """Rank 0's run and checkpoint directories for every rank: Hydra names them from the clock, and ranks
-    that start in different seconds would otherwise disagree."""
+def _lock_directories(accelerator, directories: dict[str, Path], held: contextlib.ExitStack) -> None:
+    """One run at a time in each directory (llmopt.train.lock): the main process takes the locks, held until the
+    run ends; a refusal stops every rank."""
+    from llmopt.train.lock import DirectoryLocked, RunLock
+
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            for what, directory in directories.items():
+                held.enter_context(RunLock(directory, what))
+        except DirectoryLocked as err:
+            refusal = (str(err), str(err.directory))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal], from_process=0)[0]
+    if refusal is not None:
+        raise DirectoryLocked(*refusal)
+
+
+def _same_on_every_rank(accelerator, run_dir: Path, checkpoint_dir: Path) -> tuple[Path, Path, str]:
+    """Rank 0's run and checkpoint directories for every rank (Hydra names them from the clock, and ranks that
+    start in different seconds would otherwise disagree), and one new run id (Checkpointer)."""
+    run_id = new_run_id()
     if accelerator.num_processes == 1:
-        return run_dir, checkpoint_dir
+        return run_dir, checkpoint_dir, run_id
     from accelerate.utils import broadcast_object_list
 
-    chosen = broadcast_object_list([str(run_dir), str(checkpoint_dir)], from_process=0)
+    chosen = broadcast_object_list([str(run_dir), str(checkpoint_dir), run_id], from_process=0)
     if not accelerator.is_main_process and str(run_dir) != chosen[0]:
         remove_if_empty(run_dir)
-    return Path(chosen[0]), Path(chosen[1])
+    return Path(chosen[0]), Path(chosen[1]), chosen[2]
 
 
 # what a resumed run must share with the run that wrote the checkpoint (the rest: throughput, logging, I/O)
