@@ -175,3 +175,8 @@ def test_runs_sharing_a_checkpoint_dir(tmp_path):
     (branch_id,) = set(now.values()) - set(first.values())
     assert {k: v for k, v in now.items() if v != branch_id} == first  # the first run's checkpoints untouched
     assert [k for k, v in now.items() if v == branch_id] == [f"step_00000006-{branch_id}"]  # keep=1, its newest
+
+
+def test_a_checkpoint_dir_that_is_the_run_dir_is_locked_once(tmp_path):
+    summary, run_dir = run_in_process(tmp_path, [*C4_SMALL, "trainer.steps=2", f"checkpoint.dir={tmp_path / 'run'}"])
+    assert summary["step"] == 2 and (run_dir / "step_00000002").is_dir() and not (run_dir / LOCK_NAME).exists()

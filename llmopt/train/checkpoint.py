@@ -157,22 +157,28 @@ class Checkpointer:
                 f"checkpoint.allow_other_runs=true to write beside them (each run then prunes only its own)")
 
     @staticmethod
-    def written_by(path: Path) -> str | None:
-        """The run id in a checkpoint's manifest (None: written before run ids, or unreadable)."""
+    def _manifest(path: Path) -> dict:
         try:
-            return json.loads((path / "manifest.json").read_text()).get("run_id")
+            return json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError):
-            return None
+            return {}
 
-    @staticmethod
-    def _written_key(path: Path) -> tuple[float, int]:
+    @classmethod
+    def written_by(cls, path: Path) -> str | None:
+        """The run id in a checkpoint's manifest (None: written before run ids, or unreadable)."""
+        return cls._manifest(path).get("run_id")
+
+    @classmethod
+    def _written_key(cls, path: Path) -> tuple[float, int]:
         """Write order: the manifest's time (its file's mtime for a checkpoint written before that), then step."""
         step = int(STEP_DIR.match(path.name).group(1))
-        try:
-            when = json.loads((path / "manifest.json").read_text()).get("written_at")
-            return (float(when) if when is not None else (path / "manifest.json").stat().st_mtime, step)
-        except (OSError, ValueError):
-            return (float("-inf"), step)
+        when = cls._manifest(path).get("written_at")
+        if when is None:
+            try:
+                when = (path / "manifest.json").stat().st_mtime
+            except OSError:
+                when = float("-inf")
+        return (float(when), step)
 
     @classmethod
     def _written_order(cls, directory: Path) -> list[Path]:

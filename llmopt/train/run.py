@@ -359,8 +359,11 @@ def _lock_directories(accelerator, directories: dict[str, Path], held: contextli
     refusal = None
     if accelerator.is_main_process:
         try:
+            locked = set()
             for what, directory in directories.items():
-                held.enter_context(RunLock(directory, what))
+                if directory.resolve() not in locked:  # checkpoint.dir may be the run directory itself
+                    held.enter_context(RunLock(directory, what))
+                    locked.add(directory.resolve())
         except DirectoryLocked as err:
             refusal = (str(err), str(err.directory))
     if accelerator.num_processes > 1:
