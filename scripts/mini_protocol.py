@@ -59,6 +59,7 @@ RUNS: dict[str, list[str]] = {
     "adamw_lr4e-3": ["optimizer=adamw", "optimizer.lr=4e-3"],
     "scale_lr4e-3": ["optimizer=scale", "optimizer.lr=4e-3"],
     "scale_lr5e-4": ["optimizer=scale", "optimizer.lr=5e-4"],   # SCALE's best was the sweep's lowest lr
+    "scale_lr2.5e-4": ["optimizer=scale", "optimizer.lr=2.5e-4"],  # and again on the mixed order (5e-4 best)
     "adamw_lr1e-3_amp": ["optimizer=adamw", "optimizer.lr=1e-3", "trainer.precision=amp_bf16"],
     "scale_lr1e-3_amp": ["optimizer=scale", "optimizer.lr=1e-3", "trainer.precision=amp_bf16"],
     # the SGD-LL paper trains SGD and SGD-LL in amp_bf16 (fp32 weights): both, at the stable SGD lr found above
