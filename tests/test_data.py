@@ -600,6 +600,26 @@ def test_missing_and_empty_files(tmp_path):
         next(data.train)
 
 
+def test_truncated_zstd_file_is_reported_as_truncated_also_when_bad_records_are_skipped(tmp_path):
+    """zstandard's stream reader ends quietly where a truncated .zst ends: its last line read as a malformed
+    record, and with on_bad_record=skip the file was used as if complete."""
+    import zstandard
+
+    from llmopt.data.sources import read_local_files
+
+    text = gzip.decompress(C4_VAL.read_bytes())
+    frame = zstandard.ZstdCompressor().compress(text)
+    (tmp_path / "two.jsonl.zst").write_bytes(frame + frame)  # two frames, as `zstd` writes concatenated files
+    records = list(read_local_files([str(tmp_path / "two.jsonl.zst")], "auto", "text", "line"))
+    assert len(records) == 2 * text.count(b"\n") and not any(r["error"] for r in records)
+    (tmp_path / "cut.jsonl.zst").write_bytes(frame[: len(frame) // 2])
+    for on_bad_record in ("fail", "skip"):
+        data = build_data(local_cfg(files=(tmp_path / "cut.jsonl.zst",), on_bad_record=on_bad_record),
+                          micro_batch_size=2)
+        with pytest.raises(ValueError, match=r"cut.jsonl.zst: cannot be read to the end .*zstd stream ends inside"):
+            take(data, 10_000)
+
+
 def test_malformed_json_lines_skip_and_count_or_fail(tmp_path, caplog):
     texts = c4_texts()[:10]
     lines = [json.dumps({"text": t}) for t in texts]

@@ -120,8 +120,46 @@ def resolve_files(cfg: DataConfig, src: SourceConfig, role: str) -> list[tuple[s
 def _open(path: str):
     import fsspec
 
-    # gzip, xz, zstd, bz2 by extension; the buffer gives line iteration to zstd's reader, which lacks it
+    if path.endswith((".zst", ".zstd")):
+        return io.BufferedReader(_ZstdFrames(fsspec.open(path, "rb").open()), buffer_size=1 << 20)
+    # gzip, xz, bz2 by extension; each raises EOFError on a truncated file
     return io.BufferedReader(fsspec.open(path, "rb", compression="infer").open())
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames decompressed one after another. zstandard's stream reader ends quietly where a
+    truncated file ends (its last line then reads as a malformed record); this one raises EOFError there."""
+
+    def __init__(self, compressed):
+        import zstandard
+
+        self.compressed, self.new_frame = compressed, zstandard.ZstdDecompressor().decompressobj
+        self.frame, self.in_frame = self.new_frame(), False
+        self.pending, self.offset = memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.offset == len(self.pending):
+            rest = b""
+            if self.frame.eof:  # what follows a frame's end starts the next frame
+                rest, self.frame = self.frame.unused_data, self.new_frame()
+            chunk = rest or self.compressed.read(1 << 20)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("the zstd stream ends inside a frame")
+                return 0
+            self.pending, self.offset = memoryview(self.frame.decompress(chunk)), 0
+            self.in_frame = not self.frame.eof
+        n = min(len(buffer), len(self.pending) - self.offset)
+        buffer[:n] = self.pending[self.offset:self.offset + n]
+        self.offset += n
+        return n
+
+    def close(self) -> None:
+        self.compressed.close()
+        super().close()
 
 
 def _json_records(f, path: str, text_field: str) -> Iterator[tuple[str | None, str | None]]:
