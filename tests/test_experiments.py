@@ -23,10 +23,11 @@ from tests.conftest import micro_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the paper tables: one subdirectory per table. Files directly in configs/experiment/ are other protocols, each
-# tested by its own file (mini_protocol: tests/test_mini_protocol.py)
+# tested by its own file (mini_protocol: tests/test_mini_protocol.py). Files starting with `_` are a table's bases
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
-                     for p in (CONFIGS / "experiment").rglob("*.yaml") if p.parent != CONFIGS / "experiment")
-TOP_LEVEL = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+                     for p in (CONFIGS / "experiment").rglob("*.yaml")
+                     if p.parent != CONFIGS / "experiment" and not p.name.startswith("_"))
+TOP_LEVEL = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.name.startswith("_"))
 
 # -- protocol.md, section 1: the GaLore protocol -----------------------------------------------------------
 GALORE_PROTOCOL = {"trainer.global_batch_size": 512, "trainer.precision": "bf16_pure", "trainer.grad_clip": 0.0,
