@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmopt.optim import OPTIMIZERS
+from llmopt.optim import OPTIMIZERS, spec
 from tests.train_helpers import C4_SMALL, ROOT, compose_config
 
 WORLD = 2
@@ -292,7 +292,7 @@ def test_fsdp2_cannot_step_scale_or_sgd_ll(launched, name):
     """What the trainer's refusal spares: FSDP2 hands the optimizer DTensors and both fail in step().
     SCALE: the embedding's RMS over dim 0 (across shards) is a pending (Partial) reduction that the in-place
     ops after the norm cannot take; SGD-LL: the same for its per-tensor norm. If a new torch lets either through,
-    check the update against the unsharded one before changing NEEDS_WHOLE_TENSORS."""
+    check the update against the unsharded one before changing an optimizer's whole_tensors registration."""
     for rank in range(WORLD):
         record = _fsdp(launched, rank)[name]
         assert record["error"] is not None and not record["sharded"]
@@ -359,7 +359,7 @@ def test_trainer_refuses_whole_tensor_optimizers_under_fsdp(monkeypatch, optimiz
         with pytest.raises(_PassedTheCheck):
             run_module.run(cfg, Path("unused"))
     else:
-        assert optimizer in run_module.NEEDS_WHOLE_TENSORS
+        assert spec(optimizer).whole_tensors
         with pytest.raises(ValueError, match=rf"optimizer '{optimizer}' needs whole rows or tensors, which FSDP "
                                              r"shards; run it with DDP \(.*configs/accelerate/ddp.yaml\)"):
             run_module.run(cfg, Path("unused"))
@@ -405,8 +405,8 @@ def test_update_rule_on_row_shards(rule, role, shape, make, local):
     """Two optimizer steps on a tensor and, separately, on its two row halves (torch.chunk on dim 0, FSDP2's
     layout) with the matching gradient halves. Rows of different scale make any statistic that spans rows
     differ between the halves. Shard-local rules give the same tensor bit for bit; the others are off by a
-    large part of the update, which is why those optimizers are in NEEDS_WHOLE_TENSORS."""
-    from llmopt.train.run import NEEDS_WHOLE_TENSORS
+    large part of the update, which is why those optimizers register whole_tensors=True."""
+    from llmopt.optim import spec
 
     gen = torch.Generator().manual_seed(0)
     rows = torch.linspace(0.1, 3.0, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
@@ -427,4 +427,4 @@ def test_update_rule_on_row_shards(rule, role, shape, make, local):
         assert torch.equal(sharded, whole.detach())
     else:
         assert (sharded - whole.detach()).abs().max() > 0.05 * update
-        assert rule.split()[0] in NEEDS_WHOLE_TENSORS
+        assert spec(rule.split()[0]).whole_tensors

@@ -3,13 +3,14 @@
 from llmopt.optim.ema_nesterov import EMANesterov
 from llmopt.optim.memory import llmopt_memory_gb, paper_memory_gb, state_bytes
 from llmopt.optim.muon import MuonWithAdamW
-from llmopt.optim.registry import BUILDERS, build_optimizer
+from llmopt.optim.registry import LOOKAHEADS, SPECS, build_optimizer, import_families, spec
 from llmopt.optim.roles import ROLES, ParamRoles, classify_parameters
 from llmopt.optim.scale import SCALE
 from llmopt.optim.sgd_ll import SGDLL
 
-OPTIMIZERS = tuple(sorted(BUILDERS))
+import_families()  # every family module registers its optimizers
+OPTIMIZERS = tuple(sorted(SPECS))
 
-__all__ = ["EMANesterov", "MuonWithAdamW", "OPTIMIZERS", "ParamRoles", "ROLES", "SCALE", "SGDLL",
-           "build_optimizer", "classify_parameters", "llmopt_memory_gb", "paper_memory_gb",
+__all__ = ["EMANesterov", "LOOKAHEADS", "MuonWithAdamW", "OPTIMIZERS", "ParamRoles", "ROLES", "SCALE", "SGDLL",
+           "SPECS", "build_optimizer", "classify_parameters", "llmopt_memory_gb", "paper_memory_gb", "spec",
            "state_bytes"]

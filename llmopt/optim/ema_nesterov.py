@@ -29,11 +29,13 @@ import torch
 from llmopt.optim import kernels
 from llmopt.optim.common import OptimizerWrapper, check_choice, check_unit_interval
 from llmopt.optim.memory import state_tensors
+from llmopt.optim.registry import register_lookahead
 
 INITS = ("zero", "first_update")
 MOMENTUM_DTYPES = ("float32", "param")
 
 
+@register_lookahead("ema_nesterov", states=lambda c: 2 * c["total"])  # m and the anchor
 class EMANesterov(OptimizerWrapper):
     def __init__(self, base_optimizer: torch.optim.Optimizer, beta: float = 0.5, gamma: float = 0.99,
                  start_step: int = 0, end_step: int | None = None, init: str = "zero", momentum_dtype: str = "float32",

@@ -104,6 +104,7 @@ from typing import Any
 import torch
 
 from llmopt.optim.common import evaluate_closure
+from llmopt.optim.registry import register
 
 __all__ = ["LOWRANK_METHODS", "LowRankAdamW", "build_lowrank", "lowrank_state_elements"]
 
@@ -400,3 +401,16 @@ def lowrank_state_elements(method: str, shapes_of_matrices: Iterable[Sequence[in
         if method != "galore":
             total += 1
     return total
+
+
+def _builder(method: str):
+    def build(roles, **hparams):
+        return build_lowrank(method, roles, **hparams)
+    build.__name__ = f"build_{method}"
+    return build
+
+
+# whole matrices (the projection); the memory accounting is lowrank_state_elements, by shape; the contract
+# tests leave them out (their packages are optional): tests/test_lowrank.py covers them
+for _method in LOWRANK_METHODS:
+    register(_method, whole_tensors=True)(_builder(_method))

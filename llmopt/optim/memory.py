@@ -24,23 +24,7 @@ from __future__ import annotations
 import torch
 
 from llmopt.model import llama_config, param_counts
-
-# state elements as a function of the parameter counts of model.param_counts
-PAPER_STATE_ELEMENTS = {
-    "adam": lambda c: 2 * c["total"],
-    "adamw": lambda c: 2 * c["total"],
-    "muon": lambda c: c["total"],
-    "sgd": lambda c: c["total"],
-    "sgd_ll": lambda c: c["total"],
-    "scale": lambda c: c["output"],
-}
-# the parameter-sized states llmopt's optimizers hold (scalars such as step counters left out)
-LLMOPT_STATE_ELEMENTS = {
-    **PAPER_STATE_ELEMENTS,
-    "muon": lambda c: c["attn_mlp"] + 2 * (c["embedding"] + c["output"] + c["vector"]),  # + AdamW's 2 moments
-    "scale": lambda c: c["output"] + 2 * c["vector"],                                      # + the norms' AdamW
-}
-ACCOUNTINGS = {"paper": PAPER_STATE_ELEMENTS, "llmopt": LLMOPT_STATE_ELEMENTS}
+from llmopt.optim.registry import SPECS, lookahead_spec, spec
 
 
 def paper_state_elements(flavor: str, optimizer: str, lookahead: str | None = None) -> int:
@@ -49,16 +33,18 @@ def paper_state_elements(flavor: str, optimizer: str, lookahead: str | None = No
 
 def state_elements(counts: dict[str, int], optimizer: str, lookahead: str | None = None,
                    accounting: str = "paper") -> int:
-    """Optimizer-state elements from model.param_counts(...): the paper's accounting, or llmopt's states."""
-    per_optimizer = ACCOUNTINGS[accounting]
-    if optimizer not in per_optimizer:
-        raise ValueError(f"the {accounting} memory accounting is defined here for {sorted(per_optimizer)}, "
-                         f"not {optimizer!r}; use state_bytes(optimizer) for the measured figure")
-    elements = per_optimizer[optimizer](counts)
-    if lookahead == "ema_nesterov":
-        elements += 2 * counts["total"]
-    elif lookahead not in (None, "none"):
-        raise ValueError(f"unknown lookahead {lookahead!r}; choose none or ema_nesterov")
+    """Optimizer-state elements from model.param_counts(...): the paper's accounting, or llmopt's states
+    (accounting="llmopt"), as each optimizer's registration gives them."""
+    entry = spec(optimizer)
+    count = entry.paper_states if accounting == "paper" else entry.held_states
+    if count is None:
+        defined = sorted(n for n, e in SPECS.items() if e.paper_states is not None)
+        raise ValueError(f"the {accounting} memory accounting is defined here for {defined}, not {optimizer!r} "
+                         "(its registration gives no paper_states); use state_bytes(optimizer) for the measured "
+                         "figure")
+    elements = count(counts)
+    if lookahead not in (None, "none"):
+        elements += lookahead_spec(lookahead).paper_states(counts)
     return elements
 
 
@@ -115,11 +101,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def estimate_train_bytes(counts: dict[str, int], optimizer: str, lookahead: str | None,
                          precision: str, lookahead_momentum_dtype: str = "float32") -> int | None:
-    """Weights + gradients + optimizer state (the states llmopt holds, LLMOPT_STATE_ELEMENTS) before any
+    """Weights + gradients + optimizer state (the states llmopt holds) before any
     activation, for refusing a run that cannot fit before allocating it; None where the optimizer's state is
     not accounted for here. EMA-Nesterov's m is fp32 unless lookahead_momentum_dtype="param" (EMANesterov's
     momentum_dtype)."""
-    if optimizer not in PAPER_STATE_ELEMENTS:
+    if spec(optimizer).paper_states is None:
         return None
     weight_bytes = 2 if precision == "bf16_pure" else 4  # amp_bf16 keeps fp32 master weights and grads
     need = weight_bytes * (2 * counts["total"] + state_elements(counts, optimizer, lookahead, "llmopt"))

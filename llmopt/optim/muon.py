@@ -37,6 +37,7 @@ from llmopt.optim.common import (
     evaluate_closure,
     with_grads,
 )
+from llmopt.optim.registry import groups_by_role, register
 
 ADJUST_LR = ("original", "match_rms_adamw")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's)
@@ -227,3 +228,11 @@ class MuonWithAdamW(OptimizerWrapper):
     def load_state_dict(self, state_dict: dict) -> None:
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
+
+
+# the paper counts one state per parameter; llmopt's AdamW keeps two moments for the non-matrix parameters
+@register("muon", cls=MuonWithAdamW, whole_tensors=True, test_lr=0.02, paper_states=lambda c: c["total"],
+          llmopt_states=lambda c: c["attn_mlp"] + 2 * (c["embedding"] + c["output"] + c["vector"]))
+def build_muon(roles, **hparams):
+    return MuonWithAdamW(groups_by_role(roles, ["matrix"]),
+                         groups_by_role(roles, ["embedding", "output", "vector"]), **hparams)

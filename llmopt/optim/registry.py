@@ -1,32 +1,88 @@
-"""Optimizers by name: `build_optimizer(model, name, **hparams)`.
+"""Optimizers by name: `build_optimizer(model, name, **hparams)`, and the facts other packages look up.
 
-Each builder takes the model's parameters by role (roles.py) and its own hyper-parameters, with the
+Each family file registers its builder with `@register(name, ...)`, next to the code it describes; the
+registry imports every module of llmopt.optim once (`import_families`), so it names no family itself.
+A builder takes the model's parameters by role (roles.py) and its own hyper-parameters, with the
 protocol's defaults; an unknown name or hyper-parameter is refused with the list of valid ones.
-To add an optimizer: write its file, add a builder here with `@register("name")`, add
-configs/optimizer/<name>.yaml and a reference test.
+To add an optimizer: write llmopt/optim/<name>.py with a registered builder, add
+configs/optimizer/<name>.yaml and a reference test; the contract tests pick it up from `test_lr`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from llmopt.optim.ema_nesterov import EMANesterov
-from llmopt.optim.muon import MuonWithAdamW
 from llmopt.optim.roles import ROLES, ParamRoles, classify_parameters
-from llmopt.optim.scale import SCALE
-from llmopt.optim.sgd_ll import SGDLL
 
-BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {}
+StateCount = Callable[[dict[str, int]], int]  # model.param_counts(...) -> optimizer-state elements
 
 
-def register(name: str):
-    def wrap(builder):
-        BUILDERS[name] = builder
-        return builder
+@dataclass(frozen=True)
+class Spec:
+    """An optimizer (or lookahead) and what the rest of llmopt needs to know about it."""
+    name: str
+    build: Callable[..., torch.optim.Optimizer]
+    cls: type | None = None               # whose signature lists the hyper-parameters (None: the builder's)
+    # its update reads whole columns, tensors or matrices: FSDP2 shards by rows (dim 0), so e.g. SCALE's
+    # embedding normalization and SGD-LL's per-tensor RMS would see only shards, and Muon/GaLore would gather
+    # every matrix for Newton-Schulz/SVD; such optimizers run under DDP, and the trainer refuses them under FSDP
+    whole_tensors: bool = False
+    paper_states: StateCount | None = None   # state elements as the papers count them (None: not accounted)
+    llmopt_states: StateCount | None = None  # the states llmopt holds (None: the paper's count)
+    test_lr: float | None = None          # lr of the contract tests (None: not in them, e.g. optional packages)
+
+    @property
+    def held_states(self) -> StateCount | None:
+        return self.llmopt_states or self.paper_states
+
+
+SPECS: dict[str, Spec] = {}
+LOOKAHEADS: dict[str, Spec] = {}
+
+
+def register(name: str, *, cls: type | None = None, whole_tensors: bool = False,
+             paper_states: StateCount | None = None, llmopt_states: StateCount | None = None,
+             test_lr: float | None = None):
+    """Decorator for a builder `build(roles, **hparams) -> torch.optim.Optimizer`."""
+    def wrap(build):
+        if name in SPECS:
+            raise ValueError(f"optimizer {name!r} is registered twice")
+        SPECS[name] = Spec(name, build, cls, whole_tensors, paper_states, llmopt_states, test_lr)
+        return build
     return wrap
+
+
+def register_lookahead(name: str, *, states: StateCount):
+    """Class decorator for a wrapper `cls(base_optimizer, **hparams)`; states: the elements it adds."""
+    def wrap(cls):
+        LOOKAHEADS[name] = Spec(name, cls, cls, paper_states=states)
+        return cls
+    return wrap
+
+
+def import_families() -> None:
+    """Import every module of llmopt.optim, so that each registers its optimizers."""
+    import llmopt.optim as package
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def spec(name: str) -> Spec:
+    if name not in SPECS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(SPECS)}")
+    return SPECS[name]
+
+
+def lookahead_spec(name: str) -> Spec:
+    if name not in LOOKAHEADS:
+        raise ValueError(f"unknown lookahead {name!r}; choose none or one of {sorted(LOOKAHEADS)}")
+    return LOOKAHEADS[name]
 
 
 def groups_by_role(roles: ParamRoles, which=ROLES) -> list[dict]:
@@ -34,77 +90,9 @@ def groups_by_role(roles: ParamRoles, which=ROLES) -> list[dict]:
     return [{"params": roles.params(r), "role": r} for r in which if roles.params(r)]
 
 
-def _check_lr(**lrs: float) -> None:
-    for name, value in lrs.items():
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def torch_fused(groups: list[dict], fused: bool | None) -> bool | None:
-    """fused=None: torch's fused kernel where every parameter is on CUDA ("fused where available"), its foreach
-    implementation elsewhere (torch's own None means foreach)."""
-    if fused is None and all(p.is_cuda for g in groups for p in g["params"]):
-        return True
-    return fused
-
-
-@register("adamw")
-def build_adamw(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
-    _check_lr(lr=lr)
-    groups = groups_by_role(roles)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             fused=torch_fused(groups, fused))
-
-
-@register("adam")
-def build_adam(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
-    _check_lr(lr=lr)
-    groups = groups_by_role(roles)
-    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                            fused=torch_fused(groups, fused))
-
-
-@register("sgd")
-def build_sgd(roles, lr=0.5, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0):
-    """torch.optim.SGD: sum-form momentum (m = mu m + g), unlike SGD-LL's EMA form."""
-    _check_lr(lr=lr)
-    return torch.optim.SGD(groups_by_role(roles), lr=lr, momentum=momentum, dampening=dampening,
-                           nesterov=nesterov, weight_decay=weight_decay)
-
-
-@register("muon")
-def build_muon(roles, **hparams):
-    return MuonWithAdamW(groups_by_role(roles, ["matrix"]),
-                         groups_by_role(roles, ["embedding", "output", "vector"]), **hparams)
-
-
-@register("sgd_ll")
-def build_sgd_ll(roles, **hparams):
-    return SGDLL(groups_by_role(roles), **hparams)
-
-
-@register("scale")
-def build_scale(roles, **hparams):
-    return SCALE(groups_by_role(roles), **hparams)
-
-
-def _lowrank_builder(method: str):
-    def build(roles, **hparams):
-        from llmopt.optim.lowrank import build_lowrank  # the authors' packages load only when asked
-        return build_lowrank(method, roles, **hparams)
-    build.__name__ = f"build_{method}"
-    return build
-
-
-for _method in ("galore", "fira", "apollo", "apollo_mini"):
-    register(_method)(_lowrank_builder(_method))
-
-
-def _accepted(name: str) -> list[str] | None:
+def _accepted(entry: Spec) -> list[str] | None:
     """Hyper-parameter names a builder accepts (None: checked by the optimizer class itself)."""
-    builder = BUILDERS[name]
-    target = {"muon": MuonWithAdamW, "sgd_ll": SGDLL, "scale": SCALE}.get(name, builder)
-    params = inspect.signature(target).parameters
+    params = inspect.signature(entry.cls or entry.build).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None
     skip = {"self", "roles", "params", "matrix_groups", "other_groups"}
@@ -112,25 +100,25 @@ def _accepted(name: str) -> list[str] | None:
 
 
 def build_optimizer(model: torch.nn.Module, name: str, role_patterns: dict[str, str] | None = None,
-                    lookahead: dict | None = None, **hparams) -> torch.optim.Optimizer:
+                    lookahead: dict | None = None, lookahead_name: str = "ema_nesterov",
+                    **hparams) -> torch.optim.Optimizer:
     """Build optimizer `name` over the model's trainable parameters.
 
-    lookahead: None, or the keyword arguments of EMANesterov (beta, gamma, start_step, end_step, init),
-    which then wraps the optimizer.
+    lookahead: None, or the keyword arguments of the lookahead `lookahead_name` (EMANesterov: beta, gamma,
+    start_step, end_step, init), which then wraps the optimizer.
     """
-    if name not in BUILDERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(BUILDERS)}")
-    accepted = _accepted(name)
+    entry = spec(name)
+    accepted = _accepted(entry)
     if accepted is not None:
         unknown = sorted(set(hparams) - set(accepted))
         if unknown:
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for optimizer {name!r}; "
                              f"it takes {accepted}")
     roles = classify_parameters(model, role_patterns)
-    optimizer = BUILDERS[name](roles, **hparams)
+    optimizer = entry.build(roles, **hparams)
     _check_assignment(roles, optimizer)
     if lookahead:
-        optimizer = EMANesterov(optimizer, **lookahead)
+        optimizer = lookahead_spec(lookahead_name).build(optimizer, **lookahead)
     return optimizer
 
 

@@ -41,6 +41,7 @@ from llmopt.optim.common import (
     role_groups,
     with_grads,
 )
+from llmopt.optim.registry import groups_by_role, register
 
 NORMALIZATIONS = ("column", "row", "sign", "spectral", "none")
 MOMENTUM_ON = ("output", "all", "none")
@@ -158,3 +159,10 @@ class SCALE(torch.optim.Optimizer):
         denominators = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denominators, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s for s in step_sizes])
+
+
+@register("scale", cls=SCALE, whole_tensors=True, test_lr=1e-3,
+          paper_states=lambda c: c["output"],                      # the lm_head momentum only
+          llmopt_states=lambda c: c["output"] + 2 * c["vector"])   # + the norms' AdamW moments
+def build_scale(roles, **hparams):
+    return SCALE(groups_by_role(roles), **hparams)

@@ -27,6 +27,7 @@ import torch
 
 from llmopt.optim import kernels
 from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups, with_grads
+from llmopt.optim.registry import groups_by_role, register
 
 
 class SGDLL(torch.optim.Optimizer):
@@ -100,3 +101,8 @@ class SGDLL(torch.optim.Optimizer):
         factor = (delta / row_norm.clamp(min=1e-8)).clamp_(max=1.0)  # as the authors: a zero row gets 1 (0 if delta=0)
         state["row_clip_fraction"] = (factor < 1).float().mean()
         return factor
+
+
+@register("sgd_ll", cls=SGDLL, whole_tensors=True, test_lr=10.0, paper_states=lambda c: c["total"])
+def build_sgd_ll(roles, **hparams):
+    return SGDLL(groups_by_role(roles), **hparams)

@@ -23,8 +23,8 @@ from llmopt.model import build_model, flops_per_token, llama_config, param_count
 from llmopt.model.attention import check_attention, check_sdpa_backend, sdpa_backend, use_attention
 from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss, check_loss
-from llmopt.optim import EMANesterov, build_optimizer, llmopt_memory_gb, paper_memory_gb, state_bytes
-from llmopt.optim.memory import PAPER_STATE_ELEMENTS, estimate_train_bytes
+from llmopt.optim import EMANesterov, build_optimizer, llmopt_memory_gb, paper_memory_gb, spec, state_bytes
+from llmopt.optim.memory import estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf, new_run_id
 from llmopt.train.reproducible import deterministic_mode
 from llmopt.train.schedule import make_schedule
@@ -34,10 +34,6 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the sbatch templates requ
 
 log = logging.getLogger("llmopt")
 
-# optimizers whose update needs whole columns or whole tensors/matrices: FSDP2 shards by rows (dim 0), so
-# SCALE's embedding normalization and SGD-LL's per-tensor RMS fail on the DTensor shards, and Muon/GaLore
-# would gather every matrix for Newton-Schulz/SVD. They run under DDP; under FSDP the trainer refuses them.
-NEEDS_WHOLE_TENSORS = {"scale", "sgd_ll", "muon", "galore", "fira", "apollo", "apollo_mini"}
 TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpointing", "loss_head", "loss_dtype",
                      "rotary_table", "attention", "sdpa_backend", "deterministic")
 
@@ -216,7 +212,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     check_sdpa_backend(attention_kernel, deterministic, accelerator.device.type, tcfg.precision)
     tcfg.accumulation(accelerator.num_processes)
     tcfg.eval_batch(accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.FSDP and opt_name in NEEDS_WHOLE_TENSORS:
+    if accelerator.distributed_type == DistributedType.FSDP and spec(opt_name).whole_tensors:
         raise ValueError(f"optimizer {opt_name!r} needs whole rows or tensors, which FSDP shards; run it "
                          "with DDP (accelerate config configs/accelerate/ddp.yaml)")
     # fp32 evaluation runs a module of its own beside the prepared one (see build()); FSDP's shards live in the latter
@@ -468,7 +464,7 @@ def _memory_gb(accounting, flavor: str, optimizer: str, lookahead) -> float | No
     does not apply."""
     from llmopt.model import FLAVORS
 
-    if optimizer not in PAPER_STATE_ELEMENTS or FLAVORS[flavor].vocab != 32000:
+    if spec(optimizer).paper_states is None or FLAVORS[flavor].vocab != 32000:
         return None
     return accounting(flavor, optimizer, "ema_nesterov" if lookahead else None)
 
