@@ -276,8 +276,9 @@ def test_loss_spikes():
 
 def test_optimizer_reported_extras():
     class Reporting(torch.optim.SGD):
-        def diagnostics(self):
-            return {"my_stat": torch.tensor(0.25), "other": 2}
+        def diagnostics(self, record):
+            record.add_scalar("diag/opt/my_stat", torch.tensor(0.25))
+            record.add_scalar("diag/opt/other", 2)
 
     model = micro_model(torch.float64)
     diag = Diagnostics(model, Reporting(model.parameters(), lr=0.1, momentum=0.9), every=1)

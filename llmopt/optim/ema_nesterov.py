@@ -103,6 +103,16 @@ class EMANesterov(OptimizerWrapper):
         self._moved = False
         return loss
 
+    def diagnostics(self, record) -> None:
+        """Its beta_t of the step just made and ||m|| after it, for llmopt.metrics.diagnostics."""
+        from llmopt.metrics.diagnostics import keys
+
+        t = self.step_count - 1       # the step just made (the scheduler has not moved lr yet)
+        inside = t >= self.start_step and (self.end_step is None or t < self.end_step)
+        beta = 0.0 if not inside or self.lr_peak == 0 else self.beta * self.param_groups[0]["lr"] / self.lr_peak
+        record.add_scalar(keys.LOOKAHEAD_BETA, beta)
+        record.add_norm(keys.LOOKAHEAD_MOMENTUM_NORM, self.momentum)
+
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor of optimizer state: the base's and the two lookahead buffers."""
         return state_tensors(self.base) + self.prev + self.momentum

@@ -38,6 +38,19 @@ class SGDLL(torch.optim.Optimizer):
         super().__init__(role_groups(params), dict(lr=lr, momentum=momentum, tau=tau, delta=delta))
         self.fused = fused
 
+    def diagnostics(self, record) -> None:
+        """Its clip rates of the step just made, for llmopt.metrics.diagnostics (keys there)."""
+        from llmopt.metrics.diagnostics import keys
+
+        fired = {p: self.state[p]["rms_clipped"] for g in self.param_groups for p in g["params"]
+                 if torch.is_tensor(self.state.get(p, {}).get("rms_clipped"))}
+        record.add_per_tensor(keys.RMS_CLIP_FRACTION_LAYERS, fired, role_key=keys.rms_clip_fraction)
+        for group in self.param_groups:
+            for p in group["params"]:
+                rows = self.state.get(p, {}).get("row_clip_fraction")
+                if torch.is_tensor(rows):
+                    record.add_scalar(keys.ROW_CLIP_FRACTION, rows)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)

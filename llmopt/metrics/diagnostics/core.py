@@ -130,104 +130,20 @@ by that factor); w_0 on the CPU (pinned), snapshot on the device unless noted.
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
 
 import torch
 
-QUANTITIES = ("update_rms", "weight_rms", "grad_rms", "w_over_g", "w_over_m", "dist_init", "dist_init_rel")
+from llmopt.metrics.diagnostics import keys
+from llmopt.metrics.diagnostics.keys import QUANTITIES
+from llmopt.metrics.diagnostics.record import Record
+from llmopt.metrics.diagnostics.tensors import (_device_quantiles, _dist, _local, _nested_optimizers, _quantile,
+                                               _ratio, _sanitize, _scatter, _sq_norms, _unwrap, layer_of,
+                                               tensor_id)
+
 BLOCK_KINDS = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 MATRIX_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-TOKEN_QUANTILES = (("q50", 0.5), ("q90", 0.9), ("q99", 0.99))
-EFF_LR_QUANTILES = (("q10", 0.1), ("median", 0.5), ("q90", 0.9))
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg", "momentum")
-
-_IN_BLOCK = {
-    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
-    "self_attn.o_proj.weight": "o", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
-    "mlp.down_proj.weight": "down", "input_layernorm.weight": "attn_norm",
-    "post_attention_layernorm.weight": "mlp_norm",
-}
-_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-
-
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
-
-
-def tensor_id(name: str) -> str:
-    """The stable id of a parameter in the keys: "3/q", "0/attn_norm", "embed", "head", "final_norm"."""
-    m = _BLOCK_RE.search(name)
-    if m and m.group(2) in _IN_BLOCK:
-        return f"{m.group(1)}/{_IN_BLOCK[m.group(2)]}"
-    if re.search(r"(?:^|\.)embed_tokens\.weight$", name):
-        return "embed"
-    if re.search(r"(?:^|\.)lm_head\.weight$", name):
-        return "head"
-    if re.search(r"(?:^|\.)norm\.weight$", name) and not m:
-        return "final_norm"
-    return f"other/{_sanitize(name)}"
-
-
-def layer_of(tid: str) -> str:
-    """The layer of a tensor id: the block index, "embed", "head", "final_norm" or "other"."""
-    return tid.split("/", 1)[0]
-
-
-def _local(t):
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    if t is None:
-        return None
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
-
-
-def _sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Squared l2 norms (float64, 1-D) of same-device tensors, batched per dtype; fp32 accumulation
-    for low-precision tensors, native for float64."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    out: list = [None] * len(tensors)
-    by_dtype: dict = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
-        kw = {} if dtype == torch.float64 else {"dtype": torch.float32}
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, **kw)
-        for i, n in zip(idx, norms):
-            out[i] = n
-    return torch.stack([n.double() for n in out]).square()
-
-
-def _unwrap(optimizer):
-    """Accelerate's AcceleratedOptimizer -> the optimizer it wraps."""
-    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def _nested_optimizers(optimizer) -> list:
-    """The optimizer and every optimizer inside it (EMANesterov.base, MuonWithAdamW.inner, ...)."""
-    seen, order, todo = set(), [], [optimizer]
-    while todo:
-        opt = todo.pop(0)
-        if opt is None or id(opt) in seen:
-            continue
-        seen.add(id(opt))
-        order.append(opt)
-        inner = list(getattr(opt, "inner", None) or [])
-        for attr in ("base", "muon", "adamw", "lowrank", "optimizer"):
-            sub = getattr(opt, attr, None)
-            if isinstance(sub, torch.optim.Optimizer):
-                inner.append(sub)
-        todo.extend(inner)
-    return order
-
-
-def _dist():
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    return torch.distributed
 
 
 class Diagnostics:
@@ -356,16 +272,13 @@ class Diagnostics:
                 rows_sq[start:start + rows.numel()] = rows
             else:
                 rows_sq = rows
-        beta = None
-        if self.lookahead is not None:
-            beta = float(self.lookahead.current_beta())
         # snapshot w_t (EMA-Nesterov: its rest point, the parameters being at the lookahead point)
         sources = [_local(self._prev_of.get(id(p), p)).detach() for p in self.params]
         if self._snap is None:
             self._snap = [self._copy_to(s, "same" if self.snapshot_device is None else "cpu") for s in sources]
         else:
             self._copy(self._snap, sources)
-        self._pending = {"update": update, "g_sq": g_sq, "rows_sq": rows_sq, "beta": beta}
+        self._pending = {"update": update, "g_sq": g_sq, "rows_sq": rows_sq}
 
     @torch.no_grad()
     def after_step(self, update: int) -> None:
@@ -407,53 +320,25 @@ class Diagnostics:
                     break
         m_sq = _scatter(len(params), m_idx, m_tensors, device)
 
-        additive = [pending["g_sq"], w_sq, d_sq]
+        record = Record(device, self.params, self.roles)
+        record.add_sum("g_sq", pending["g_sq"])
+        record.add_sum("w_sq", w_sq)
+        record.add_sum("d_sq", d_sq)
         if dist_sq is not None:
-            additive.append(dist_sq)
-        additive.append(m_sq)
-        la_norm = None
-        if self.lookahead is not None:
-            la_norm = _sq_norms([_local(m).detach() for m in self.lookahead.momentum]).sum().reshape(1).to(device)
-            additive.append(la_norm)
+            record.add_sum("dist_sq", dist_sq)
+        record.add_sum("m_sq", m_sq)
         if pending["rows_sq"] is not None:
-            additive.append(pending["rows_sq"].to(device))
-
-        other_keys, other_vals = [], []
+            record.add_sum("rows_sq", pending["rows_sq"])
+        # the optimizers' own values (EMA-Nesterov's beta, SGD-LL's clip rates, ...), outermost first
+        for opt in _nested_optimizers(self.optimizer):
+            hook = getattr(opt, "diagnostics", None)
+            if callable(hook):
+                hook(record)
         eff_layers, eff = self._eff_lr(state, groups, device)
         for layer, q in zip(eff_layers, eff):
-            for (name, _), value in zip(EFF_LR_QUANTILES, q):
-                other_keys.append(f"diag/adam/eff_lr_{name}/{layer}")
-                other_vals.append(value)
-        clip_idx, clip_vals = [], []
-        for i, p in enumerate(self.params):
-            st = state.get(p)
-            if st and torch.is_tensor(st.get("rms_clipped")):
-                clip_idx.append(i)
-                clip_vals.append(st["rms_clipped"].detach().reshape(()).double().to(device))
-        if clip_vals:
-            other_keys.append("diag/sgd_ll/rms_clip_fraction_layers")
-            other_vals.append(torch.stack(clip_vals).mean())
-            for role in dict.fromkeys(self.roles[i] for i in clip_idx):
-                sel = [v for i, v in zip(clip_idx, clip_vals) if self.roles[i] == role]
-                other_keys.append(f"diag/sgd_ll/rms_clip_fraction/{role}")
-                other_vals.append(torch.stack(sel).mean())
-        if self.head is not None:
-            st = state.get(self.params[self.head])
-            if st and torch.is_tensor(st.get("row_clip_fraction")):
-                other_keys.append("diag/sgd_ll/row_clip_fraction")
-                other_vals.append(st["row_clip_fraction"].detach().reshape(()).double().to(device))
-        for opt in _nested_optimizers(self.optimizer):
-            report = getattr(opt, "diagnostics", None)
-            if callable(report):
-                for name, value in report().items():
-                    other_keys.append(f"diag/opt/{name}")
-                    other_vals.append(torch.as_tensor(value, dtype=torch.float64, device=device).reshape(()))
-        self._result = {
-            "update": update, "additive": torch.cat(additive), "has_dist": dist_sq is not None,
-            "has_m": has_m, "has_rows": pending["rows_sq"] is not None, "la": la_norm is not None,
-            "beta": pending["beta"], "other_keys": other_keys,
-            "other": torch.stack(other_vals) if other_vals else None,
-        }
+            for (name, _), value in zip(keys.EFF_LR_QUANTILES, q):
+                record.add_scalar(keys.eff_lr(name, layer), value)
+        self._result = {"update": update, "record": record, "has_m": has_m}
 
     def observe_loss(self, loss: float) -> None:
         """A logged training loss, for spike detection."""
@@ -477,62 +362,41 @@ class Diagnostics:
         result, self._result = self._result, None
         if result is None or not self.active:
             return {}
-        additive = result["additive"]
-        if self.reduce:
-            _dist().all_reduce(additive)
-        parts = [additive] + ([result["other"]] if result["other"] is not None else [])
-        values = torch.cat([t.double() for t in parts]).cpu().tolist()
-        T = len(self.params)
-        pos = 0
-
-        def take(n):
-            nonlocal pos
-            out = values[pos:pos + n]
-            pos += n
-            return out
-
-        g_sq, w_sq, d_sq = take(T), take(T), take(T)
-        dist_sq = take(T) if result["has_dist"] else None
-        m_sq = take(T)
-        la_sq = take(1)[0] if result["la"] else None
-        rows_sq = take(self.vocab) if result["has_rows"] else None
-        other = take(len(result["other_keys"]))
+        raw, logged = result["record"].finish(self.reduce)
+        g_sq, w_sq, d_sq, m_sq = raw["g_sq"], raw["w_sq"], raw["d_sq"], raw["m_sq"]
+        dist_sq, rows_sq = raw.get("dist_sq"), raw.get("rows_sq")
 
         out: dict[str, float] = {}
         for i, tid in enumerate(self.ids):
-            n, pre = self.numel[i], f"diag/{tid}/"
+            n = self.numel[i]
             w, g = math.sqrt(w_sq[i]), math.sqrt(g_sq[i])
-            out[pre + "update_rms"] = math.sqrt(d_sq[i] / n)
-            out[pre + "weight_rms"] = math.sqrt(w_sq[i] / n)
-            out[pre + "grad_rms"] = math.sqrt(g_sq[i] / n)
-            out[pre + "w_over_g"] = _ratio(w, g)
+            out[keys.per_tensor(tid, "update_rms")] = math.sqrt(d_sq[i] / n)
+            out[keys.per_tensor(tid, "weight_rms")] = math.sqrt(w_sq[i] / n)
+            out[keys.per_tensor(tid, "grad_rms")] = math.sqrt(g_sq[i] / n)
+            out[keys.per_tensor(tid, "w_over_g")] = _ratio(w, g)
             if result["has_m"][i]:
-                out[pre + "w_over_m"] = _ratio(w, math.sqrt(m_sq[i]))
+                out[keys.per_tensor(tid, "w_over_m")] = _ratio(w, math.sqrt(m_sq[i]))
             if dist_sq is not None:
                 d = math.sqrt(dist_sq[i])
-                out[pre + "dist_init"] = d
-                out[pre + "dist_init_rel"] = _ratio(d, math.sqrt(self.w0_sq[i]))
-        out["diag/global/grad_norm"] = math.sqrt(sum(g_sq))
-        out["diag/global/update_norm"] = math.sqrt(sum(d_sq))
-        out["diag/global/weight_norm"] = math.sqrt(sum(w_sq))
+                out[keys.per_tensor(tid, "dist_init")] = d
+                out[keys.per_tensor(tid, "dist_init_rel")] = _ratio(d, math.sqrt(self.w0_sq[i]))
+        out[keys.GRAD_NORM] = math.sqrt(sum(g_sq))
+        out[keys.UPDATE_NORM] = math.sqrt(sum(d_sq))
+        out[keys.WEIGHT_NORM] = math.sqrt(sum(w_sq))
         if dist_sq is not None:
-            out["diag/global/dist_init"] = math.sqrt(sum(dist_sq))
-            out["diag/global/dist_init_rel"] = _ratio(math.sqrt(sum(dist_sq)), math.sqrt(sum(self.w0_sq)))
-        out["diag/global/loss_spike"] = float(self._spikes)
+            out[keys.DIST_INIT] = math.sqrt(sum(dist_sq))
+            out[keys.DIST_INIT_REL] = _ratio(math.sqrt(sum(dist_sq)), math.sqrt(sum(self.w0_sq)))
+        out[keys.LOSS_SPIKE] = float(self._spikes)
         if self._spike_ratio is not None:
-            out["diag/global/loss_spike_ratio"] = self._spike_ratio
+            out[keys.LOSS_SPIKE_RATIO] = self._spike_ratio
         self._spikes, self._spike_ratio = 0, None
         if rows_sq is not None:
             norms = sorted(math.sqrt(max(r, 0.0)) for r in rows_sq)
-            for name, q in TOKEN_QUANTILES:
-                out[f"diag/head/token_grad_norm_{name}"] = _quantile(norms, q)
-            out["diag/head/token_grad_norm_max"] = norms[-1]
-            out["diag/head/token_grad_norm_max_over_median"] = _ratio(norms[-1], _quantile(norms, 0.5))
-        if result["beta"] is not None:
-            out["diag/lookahead/beta"] = result["beta"]
-        if la_sq is not None:
-            out["diag/lookahead/momentum_norm"] = math.sqrt(la_sq)
-        out.update(zip(result["other_keys"], other))
+            for name, q in keys.TOKEN_QUANTILES:
+                out[keys.token_grad_norm(name)] = _quantile(norms, q)
+            out[keys.token_grad_norm("max")] = norms[-1]
+            out[keys.TOKEN_GRAD_NORM_MAX_OVER_MEDIAN] = _ratio(norms[-1], _quantile(norms, 0.5))
+        out.update(logged)
         return out
 
     # -- internals ----------------------------------------------------------------------------------
@@ -622,7 +486,7 @@ class Diagnostics:
                 pool.append(lr / (denom + eps))
             x = torch.cat(pool) if len({t.dtype for t in pool}) == 1 else torch.cat([t.double() for t in pool])
             layers.append(layer)
-            results.append(_device_quantiles(x, [q for _, q in EFF_LR_QUANTILES]).to(device))
+            results.append(_device_quantiles(x, [q for _, q in keys.EFF_LR_QUANTILES]).to(device))
         return layers, results
 
     def _sample_plan(self, sizes: list[int], device) -> list:
@@ -636,45 +500,6 @@ class Diagnostics:
             k = min(n, max(1, round(self.eff_lr_samples * n / total)))
             plan.append(torch.randint(n, (k,), generator=gen).to(device))
         return plan
-
-
-def _scatter(n: int, idx: list[int], tensors: list[torch.Tensor], device) -> torch.Tensor:
-    """[n] float64 on `device`: the squared norms of `tensors` at positions `idx`, zeros elsewhere
-    (built by stacking: no index tensor is copied to the device, so no host sync)."""
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    values = list(_sq_norms(tensors).to(device).unbind()) if tensors else []
-    slots = [zero] * n
-    for i, v in zip(idx, values):
-        slots[i] = v
-    return torch.stack(slots)
-
-
-def _device_quantiles(x: torch.Tensor, qs: list[float]) -> torch.Tensor:
-    """Linear-interpolation quantiles (torch.quantile's default) of a 1-D tensor, float64, without a
-    host sync (torch.quantile checks its q tensor on the device)."""
-    xs = torch.sort(x.reshape(-1)).values.double()
-    n = xs.numel()
-    out = []
-    for q in qs:
-        pos = q * (n - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, n - 1)
-        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
-    return torch.stack(out)
-
-
-def _ratio(a: float, b: float) -> float:
-    if b == 0:
-        return math.inf if a > 0 else math.nan
-    return a / b
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's and torch's default) of sorted values."""
-    pos = q * (len(sorted_values) - 1)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 # -- overhead benchmark: python -m llmopt.metrics.diagnostics --flavor tiny --optimizer adamw --------
