@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,9 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="override data.tokenizer (a path or a Hugging Face name)")
     args = ap.parse_args()
 
-    base = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / f"{args.config}.yaml"), resolve=True)
+    # composed as a run composes it (each data config inherits configs/data/_base.yaml)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        base = OmegaConf.to_container(compose("train", overrides=[f"data={args.config}"]).data, resolve=True)
     if args.seq_len:
         base["seq_len"] = args.seq_len
     if args.tokenizer:

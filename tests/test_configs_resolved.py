@@ -26,6 +26,8 @@ from omegaconf import DictConfig, ListConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SNAPSHOTS = Path(__file__).resolve().parent / "resolved_configs"
 DEFAULT = "default"   # the job with no overrides; experiments have a folder or another name
+# jobs beside the experiments: the default, and the one data config no experiment uses
+JOBS = {DEFAULT: [], "default_data_c4_local": ["data=c4_local"]}
 UNRESOLVED = ("${hydra:", "${oc.env:")
 
 # Intended differences from the snapshots: {experiment name or "*": {dotted key: why}}. Empty: every
@@ -59,7 +61,7 @@ def _leaf(parent, key):
 
 
 def resolved(name: str) -> dict:
-    overrides = [] if name == DEFAULT else [f"experiment={name}"]
+    overrides = JOBS.get(name, [f"experiment={name}"])
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return plain(compose("train", overrides=overrides))
 
@@ -95,11 +97,11 @@ def differences(name: str) -> list[str]:
 
 def test_every_experiment_has_a_snapshot_and_every_snapshot_an_experiment():
     saved = sorted(str(p.relative_to(SNAPSHOTS).with_suffix("")) for p in SNAPSHOTS.rglob("*.yaml"))
-    assert saved == sorted([DEFAULT, *experiments()])
-    assert len(saved) == 93   # 91 table rows, mini_protocol and the default job
+    assert saved == sorted([*JOBS, *experiments()])
+    assert len(saved) == 94   # 91 table rows, mini_protocol and the two JOBS
 
 
-@pytest.mark.parametrize("name", [DEFAULT, *experiments()])
+@pytest.mark.parametrize("name", [*JOBS, *experiments()])
 def test_config_resolves_as_saved(name):
     diff = differences(name)
     assert not diff, f"{name} resolves differently from its snapshot:\n  " + "\n  ".join(diff)
@@ -118,7 +120,7 @@ def test_a_changed_value_is_reported_by_key(tmp_path, monkeypatch):
 
 
 def write(names: list[str]) -> None:
-    for name in names or [DEFAULT, *experiments()]:
+    for name in names or [*JOBS, *experiments()]:
         path = snapshot_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(resolved(name), sort_keys=False))

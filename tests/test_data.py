@@ -38,6 +38,7 @@ from llmopt.data import (
 from llmopt.data import sources as sources_mod
 from llmopt.data.pipeline import DocStream, WindowShuffle
 from llmopt.data.synthetic import build_tokenizer
+from tests.train_helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -73,7 +74,8 @@ def take(data, n: int) -> list[dict]:
 
 
 def yaml_cfg(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / f"{name}.yaml"), resolve=True)
+    """configs/data/<name>.yaml as a run gets it (composed by Hydra: the file inherits configs/data/_base.yaml)."""
+    return OmegaConf.to_container(compose_config([f"data={name}"]).data, resolve=True)
 
 
 # ---- sequence layouts ----------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def sp_ids():
 
 # ---- configs/data/wiki_c4_local.yaml on the real data -------------------------------------------------
 def test_wiki_c4_local_holds_out_the_first_100_articles():
-    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / "wiki_c4_local.yaml"), resolve=True)
+    raw = OmegaConf.to_container(compose_config(["data=wiki_c4_local"]).data, resolve=True)   # with data/_base
     cfg = parse_config(raw)
     assert cfg.train.files[0] == FileSpec("enwiki/enwiki-00.jsonl.xz", start=100, stop=None)
     assert [f.start for f in cfg.train.files[1:]] == [0, 0, 0]
