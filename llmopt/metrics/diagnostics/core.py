@@ -62,8 +62,9 @@ q, k, v, o, gate, up, down, attn_norm, mlp_norm; "embed" (token embedding), "hea
   diag/sgd_ll/row_clip_fraction          share of lm_head rows the per-token-class clip shrank
   diag/lookahead/beta            EMA-Nesterov's beta_t of the measured update
   diag/lookahead/momentum_norm   ||m|| of its lookahead momentum after the update
-  diag/opt/<name>                extras an optimizer reports itself: a method `diagnostics()` returning
-                                 {name: float or 0-d tensor} on the optimizer or any inner one
+  (any key)                      an optimizer's own values: a method `diagnostics(self, record)` on it or
+                                 any inner one, called right after its step (record.py: add_scalar,
+                                 add_norm, add_per_tensor); SGD-LL's and EMA-Nesterov's keys above so
 
 Keys per record: micro flavor (21 tensors) ~170, 130m (111 tensors) ~830, 7b (291 tensors) ~2,150.
 Non-finite values (a zero gradient's w_over_g) are written as null by the loggers.
@@ -601,7 +602,7 @@ class _count_syncs:
         return False
 
 
-if __name__ == "__main__":
+def main() -> None:
     import argparse
     import json
 
@@ -621,3 +622,7 @@ if __name__ == "__main__":
     print(json.dumps(benchmark(args.flavor, args.optimizer, args.device, args.dtype, args.micro_batch, args.seq_len,
                                args.steps, args.every, None if args.init_device == "none" else args.init_device,
                                args.snapshot_device)))
+
+
+if __name__ == "__main__":
+    main()
