@@ -20,17 +20,15 @@ def two_moments(counts: dict[str, int]) -> int:
     return 2 * counts["total"]
 
 
-@register("adamw", paper_states=two_moments, test_lr=1e-3)
-def build_adamw(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
-    check_nonnegative(lr=lr)
-    groups = groups_by_role(roles)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             fused=torch_fused(groups, fused))
+def adam_builder(adam_class: type[torch.optim.Optimizer]):
+    """The builder of torch's Adam or AdamW (they take the same arguments)."""
+    def build(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
+        check_nonnegative(lr=lr)
+        groups = groups_by_role(roles)
+        return adam_class(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                          fused=torch_fused(groups, fused))
+    return build
 
 
-@register("adam", paper_states=two_moments, test_lr=1e-3)
-def build_adam(roles, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
-    check_nonnegative(lr=lr)
-    groups = groups_by_role(roles)
-    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                            fused=torch_fused(groups, fused))
+build_adamw = register("adamw", paper_states=two_moments, test_lr=1e-3)(adam_builder(torch.optim.AdamW))
+build_adam = register("adam", paper_states=two_moments, test_lr=1e-3)(adam_builder(torch.optim.Adam))
