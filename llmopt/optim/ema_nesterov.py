@@ -61,8 +61,9 @@ class EMANesterov(OptimizerWrapper):
         self.step_count = 0
         self._moved = False
 
-    def current_beta(self) -> float:
-        t = self.step_count
+    def current_beta(self, t: int | None = None) -> float:
+        """beta_t after t completed steps (default: now)."""
+        t = self.step_count if t is None else t
         inside = t >= self.start_step and (self.end_step is None or t < self.end_step)
         if not inside or self.lr_peak == 0:
             return 0.0
@@ -107,10 +108,8 @@ class EMANesterov(OptimizerWrapper):
         """Its beta_t of the step just made and ||m|| after it, for llmopt.metrics.diagnostics."""
         from llmopt.metrics.diagnostics import keys
 
-        t = self.step_count - 1       # the step just made (the scheduler has not moved lr yet)
-        inside = t >= self.start_step and (self.end_step is None or t < self.end_step)
-        beta = 0.0 if not inside or self.lr_peak == 0 else self.beta * self.param_groups[0]["lr"] / self.lr_peak
-        record.add_scalar(keys.LOOKAHEAD_BETA, beta)
+        # the step just made: the scheduler has not moved lr yet
+        record.add_scalar(keys.LOOKAHEAD_BETA, self.current_beta(self.step_count - 1))
         record.add_norm(keys.LOOKAHEAD_MOMENTUM_NORM, self.momentum)
 
     def state_tensors(self) -> list[torch.Tensor]:
