@@ -622,6 +622,24 @@ def test_truncated_zstd_file_is_reported_as_truncated_also_when_bad_records_are_
             take(data, 10_000)
 
 
+def test_a_bad_record_read_by_a_worker_is_reported_by_its_own_message(tmp_path):
+    """torch re-raises a DataLoader worker's error as "Caught BadRecordError in DataLoader worker process 0.
+    Original Traceback ...", the useful line last: the user saw a traceback, not the file and line."""
+    lines = [json.dumps({"text": t}) for t in c4_texts()[:20]]
+    lines[9] = '{"text": "broken'
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    for batches_ahead in (0, 2):
+        data = build_data(local_cfg(files=(path,), num_workers=2, chunk_docs=4, batches_ahead=batches_ahead),
+                          micro_batch_size=4)
+        with pytest.raises(BadRecordError) as raised:
+            take(data, 10)
+        data.close()
+        message = str(raised.value)
+        assert message.startswith(f"{path}:10: malformed JSON") and "on_bad_record=skip" in message
+        assert "Traceback" not in message and "worker" not in message and "\n" not in message
+
+
 def test_malformed_json_lines_skip_and_count_or_fail(tmp_path, caplog):
     texts = c4_texts()[:10]
     lines = [json.dumps({"text": t}) for t in texts]

@@ -174,7 +174,12 @@ class DocStream:
     def _next_chunk(self) -> Chunk:
         """The chunk that holds the next record: the next one from the workers once this one is used up."""
         if self._chunk is None or self._k == len(self._chunk.lengths):
-            self._chunk, self._k, self._offset = next(self._chunks), 0, 0
+            try:
+                self._chunk, self._k, self._offset = next(self._chunks), 0, 0
+            except StopIteration:
+                raise
+            except Exception as err:
+                raise worker_error_unwrapped(err) from None
         return self._chunk
 
     def next_doc(self) -> np.ndarray:
@@ -215,6 +220,23 @@ class DocStream:
         if shutdown is not None:
             shutdown()
         self._chunks = iter(())
+
+
+def worker_error_unwrapped(err: Exception) -> Exception:
+    """The error a DataLoader worker raised, with its own message: torch re-raises it in the training process
+    as "Caught X in DataLoader worker process N. Original Traceback ..." with the useful line last."""
+    message = str(err)
+    if "in DataLoader worker process" not in message:
+        return err
+    kind = type(err)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        start = message.rfind("\n" + prefix)
+        if start >= 0:
+            try:
+                return kind(message[start + 1 + len(prefix):].strip())
+            except Exception:  # an exception type that cannot be rebuilt from its message keeps torch's
+                return err
+    return err
 
 
 def make_batch(ids: np.ndarray, lengths: np.ndarray | None) -> dict[str, torch.Tensor]:
