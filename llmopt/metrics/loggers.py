@@ -58,6 +58,12 @@ class WandbLogger:
                               reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
         try:
             self.run = start(run_id)
+        except wandb.errors.UsageError as err:
+            if "API key" not in str(err):
+                raise
+            raise ValueError(f"logger=wandb logs online but W&B has no login ({err}): run `wandb login` or set "
+                             "WANDB_API_KEY, or log offline with logger.wandb.mode=offline (or WANDB_MODE=offline) "
+                             "and `wandb sync` the run directory later") from None
         except Exception as err:  # e.g. the run was deleted in W&B (it refuses the id): a resume must still train
             if run_id is None:
                 raise
