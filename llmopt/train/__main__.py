@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -19,35 +20,43 @@ def main(cfg: DictConfig) -> None:
     from llmopt.data.sources import HubUnreachableError
     from llmopt.train.lock import DirectoryLocked
     from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_unstarted, run
+    from llmopt.train.sweep import record_outcome
     from llmopt.train.trainer import NonFiniteError
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    # in a sweep (-m), a job that fails or diverges is reported and the sweep goes on to the next job
+    # in a sweep (-m), a job that fails or diverges is reported and the sweep goes on to the next job; the
+    # sweep ends with "N of M jobs failed" (llmopt.train.sweep)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    error, exit_code = None, 0
     try:
         summary = run(cfg, run_dir)
     except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError) as err:
         remove_if_unstarted(run_dir)
-        print(f"llmopt: error: {err}", file=sys.stderr)
-        if sweeping:
-            return
-        sys.exit(2)
+        error, exit_code = f"error: {err}", 2
     except DirectoryLocked as err:  # that directory is another run's: nothing of it is removed
         if err.directory.resolve() != run_dir.resolve():
             remove_if_unstarted(run_dir)
-        print(f"llmopt: error: {err}", file=sys.stderr)
-        if sweeping:
-            return
-        sys.exit(2)
+        error, exit_code = f"error: {err}", 2
     except NonFiniteError as err:
-        print(f"\nllmopt: stopped: {err}", file=sys.stderr)
-        if sweeping:
-            return
-        sys.exit(3)
-    except BaseException:
+        error, exit_code = f"stopped: {err}", 3
+    except Exception as err:
         remove_if_unstarted(run_dir)  # a crash before the first step leaves nothing half-written
+        if not sweeping:
+            raise
+        traceback.print_exc()  # a crash is reported like any failure, and the sweep goes on
+        error = f"crashed: {type(err).__name__}: {err}"
+    except BaseException:
+        remove_if_unstarted(run_dir)
         raise
+    if error is not None:
+        print(f"\nllmopt: {error}", file=sys.stderr)
+        if not sweeping:
+            sys.exit(exit_code)
+    if sweeping:
+        record_outcome(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, run_dir, error)
+        if error is not None:
+            return
     if summary.get("is_main", True):
         print("\n" + format_summary(summary))
     if summary.get("preempted"):
