@@ -367,3 +367,30 @@ def test_every_experiment_passes_the_trainers_key_checks(hydra_configs):
         check_config_keys(cfg)
         schedule_from_config(cfg, trainer_config(cfg).steps)
         optimizer_kwargs(cfg)
+
+
+SIZE_IN_NAME = re.compile(r"_(60m|130m|350m|1b|7b)(_|$)")
+
+
+def test_no_experiment_writes_its_size_into_the_run_name_or_tags():
+    """The run name and the size tag interpolate ${model.flavor}: a literal size would survive `model=`."""
+    for path in (CONFIGS / "experiment").rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0]
+            if line.startswith("run_name:") or "size:" in line and "batch_size" not in line:
+                assert not SIZE_IN_NAME.search(line.replace("size:", "_")), f"{path.name}: {line.strip()}"
+
+
+@pytest.mark.parametrize("name", ["scale_table/scale_350m", "scale_ablation/sign_350m", "sgd_ll_table/sgd_ll_1b",
+                                  "ema_nesterov/muon_130m_b4096", "mini_protocol"])
+def test_a_model_override_renames_the_run_and_its_size_tag(hydra_configs, name):
+    """`experiment=<row> model=micro` is a micro model: its run name and size tag must say so, or llmopt.report
+    and W&B put it beside the row's published number."""
+    size = SIZE_IN_NAME.search(name)
+    size = size.group(1) if size else "60m"  # mini_protocol
+    cfg = compose("train", overrides=[f"experiment={name}", "model=micro"])
+    run_name, tags = resolved(cfg, "run_name"), resolved(cfg, "logger.wandb.tags")
+    assert f"_{size}_" not in f"_{run_name}_", run_name
+    if name not in TOP_LEVEL:  # the mini-protocol's run names hold no size (one model, named by its RUNS key)
+        assert "_micro_" in f"_{run_name}_", run_name
+    assert "size:micro" in tags and f"size:{size}" not in tags, tags
