@@ -6,15 +6,19 @@ import math
 import pytest
 import yaml
 
-from llmopt.report import build_report, find_run_dirs, load_run_dir, lookup_published, main, published_numbers
+from llmopt.analysis.published import lookup_published, protocol_settings, published_numbers
+from llmopt.analysis.runs import find_run_dirs, load_run_dir
+from llmopt.report import build_report, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, name, *, table, row, size, optimizer, lookahead="none", steps, evals, slots_per_s,
-              memory_gb, state_bytes, params, summary=True, run_name=None, llmopt_gb=None):
+              memory_gb, state_bytes, params, summary=True, run_name=None, llmopt_gb=None, config_changes=None):
     """A run directory: config.yaml (resolved), metrics.jsonl (log every 50 steps, eval every 1000), summary.json.
 
+    The config follows the protocol of the published cell (table, row, size) where there is one (trainer.steps
+    is the planned length: the run logs `steps` of them), then `config_changes` ({dotted key: value}) apply.
     evals: {step: (token-weighted loss, paper-compatible loss)}; memory_gb, llmopt_gb: memory/paper_gb and
     memory/llmopt_gb (llmopt_gb None: not logged).
     """
@@ -27,6 +31,12 @@ def write_run(root, name, *, table, row, size, optimizer, lookahead="none", step
               "data": {"name": "c4", "seq_len": 256},
               "logger": {"wandb": {"enabled": False, "group": table, "name": name,
                                    "tags": [f"table:{table}", f"row:{row}", f"size:{size}", "lr:0.001", "seed:42"]}}}
+    for key, value in {**(protocol_settings(table, row, size) or {}), **(config_changes or {})}.items():
+        *parents, last = key.split(".")
+        section = config
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[last] = value
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     records = []
     for i, step in enumerate(range(50, steps + 1, 50)):
