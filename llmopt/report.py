@@ -26,9 +26,10 @@ perplexity and the published one, with memory in GB), then one line per run:
   published cell (its W&B tags table:/row:/size:, or its config's cell) but departs from the protocol, the
   published column says which keys differ instead, and the run stays out of the paper's layout.
 
-Plots (`--plots DIR`, matplotlib Agg): loss.png (training loss of every run), eval_ppl.png (validation
-perplexity against step, published final figures as stars), memory_ppl.png (perplexity against the
-paper-accounting memory, ours and published).
+Plots (`--plots DIR`, matplotlib Agg): loss.png (training loss of every run, evaluations as markers),
+eval_ppl.png (validation perplexity against step, published final figures as stars), memory_ppl.png
+(perplexity against the paper-accounting memory, ours and published); a figure with nothing to draw is not
+written, and said so.
 
 The published numbers are in llmopt.analysis.published, copied from docs/protocol.md (the papers' tables).
 """
@@ -40,7 +41,6 @@ import math
 import sys
 from pathlib import Path
 
-from llmopt.analysis import plots
 from llmopt.analysis.published import TABLES, Published, lookup_published, protocol_mismatches, published_numbers
 from llmopt.analysis.runs import Run, disambiguate, load_runs, load_wandb_group
 
@@ -191,6 +191,8 @@ def build_report(runs: list[Run], published_version: str = "arxiv") -> str:
 def write_plots(runs: list[Run], directory: str | Path, published_version: str = "arxiv") -> list[str]:
     """loss.png, eval_ppl.png, memory_ppl.png in `directory`; a figure with nothing to draw is not written.
     Returns one line per figure: the path written, or why it was not."""
+    from llmopt.analysis import plots  # matplotlib (and torch, through the diagnostics keys) only for plots
+
     disambiguate(runs)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

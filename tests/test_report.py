@@ -244,3 +244,13 @@ def test_rows_come_from_the_resolved_config_not_the_tags(tmp_path):
                                     "optimizer.momentum_on": None})
     row = table_rows(build_report([load_run_dir(run)]), "## Runs")[0]
     assert (row["table/row"], row["published ppl"], row["delta"]) == ("scale_table/adam", "30.05", "+0.45")
+
+
+def test_plots_with_nothing_to_draw_are_not_written(runs, tmp_path):
+    """The partial run logged no memory/paper_gb: no memory_ppl.png, and a line saying why."""
+    from llmopt.report import write_plots
+
+    lines = write_plots([load_run_dir(runs["partial"])], tmp_path / "plots")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["eval_ppl.png", "loss.png"]
+    memory_ppl = tmp_path / "plots" / "memory_ppl.png"
+    assert lines[-1] == f"{memory_ppl} not written: no run has memory/paper_gb and a perplexity"

@@ -18,7 +18,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import cm  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogFormatterSciNotation  # noqa: E402
 
-from llmopt.analysis.published import lookup_published  # noqa: E402
 from llmopt.analysis.runs import Run  # noqa: E402
 from llmopt.metrics.diagnostics import MATRIX_KINDS, keys  # noqa: E402
 

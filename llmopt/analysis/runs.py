@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 from llmopt.analysis.published import row_of
-from llmopt.metrics.diagnostics import keys
 from llmopt.metrics.loggers import read_metrics
 
 METRICS_FILES = ("metrics.jsonl", "metrics.jsonl.gz")   # the second as archived runs keep it
@@ -94,6 +93,9 @@ class Run:
 
     def tensors(self) -> dict[str, set[str]]:
         """tensor id ("3/q", "embed", ...) -> the per-tensor diagnostics quantities logged for it."""
+        # imported here: the diagnostics package loads torch, which the report does not need
+        from llmopt.metrics.diagnostics import keys
+
         out: dict[str, set[str]] = {}
         for key in self.keys():
             parts = key.split("/")
