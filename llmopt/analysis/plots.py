@@ -388,8 +388,8 @@ def plot_memory_ppl(points: list[tuple[str, float, float, float | None, float | 
 # name -> (the figure, what a run must have logged for it to be drawn)
 FIGURES = {
     "loss.png": (lambda runs, kind: plot_loss(runs), "train/loss or eval/loss"),
-    "update_rms.png": (plot_update_rms, "diag/<tensor>/update_rms"),
-    "weight_grad_ratio.png": (plot_weight_grad_ratio, "diag/<tensor>/w_over_g"),
+    "update_rms.png": (plot_update_rms, keys.per_tensor("<tensor>", "update_rms")),
+    "weight_grad_ratio.png": (plot_weight_grad_ratio, keys.per_tensor("<tensor>", "w_over_g")),
     "distance_from_init.png": (lambda runs, kind: plot_distance(runs), keys.DIST_INIT),
     "token_grad_norms.png": (lambda runs, kind: plot_token_grad_norms(runs), keys.token_grad_norm("*")),
     "eff_lr.png": (lambda runs, kind: plot_eff_lr(runs), keys.eff_lr("median", "<layer>")),
