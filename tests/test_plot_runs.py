@@ -1,8 +1,8 @@
-"""scripts/plot_runs.py on real short runs: the micro model trained by several optimizers with the
-diagnostics on, metrics.jsonl and config.yaml written as the trainer writes them."""
+"""scripts/plot_runs.py and llmopt.analysis.plots on real short runs: the micro model trained by several
+optimizers with the diagnostics on, metrics.jsonl and config.yaml written as the trainer writes them."""
 
-import importlib.util
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
-from llmopt.metrics.diagnostics import Diagnostics
+from llmopt.analysis import plots
+from llmopt.analysis.runs import load_runs
+from llmopt.metrics.diagnostics import MATRIX_KINDS, Diagnostics
 from llmopt.metrics.loggers import JsonlLogger
 from llmopt.model import build_model, llama_config
 from llmopt.optim import build_optimizer
@@ -80,19 +82,14 @@ def runs(tmp_path_factory):
     return root
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("plot_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["plot_runs"] = module   # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+def plot_runs(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
 
 
 def test_script_writes_readable_figures(runs, tmp_path):
     out = tmp_path / "figs"
-    dirs = [str(runs / d) for d in RUNS]
-    proc = subprocess.run([sys.executable, str(SCRIPT), *dirs, "--out", str(out)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    proc = plot_runs(*(runs / d for d in RUNS), "--out", out)
     assert proc.returncode == 0, proc.stderr
     import matplotlib.image as mpimg
 
@@ -108,25 +105,25 @@ def test_script_writes_readable_figures(runs, tmp_path):
 
 
 def test_figures_hold_every_run_and_layer(runs):
-    plot = load_script()
-    loaded = plot.load_runs([runs / d for d in RUNS])
+    loaded = load_runs([runs / d for d in RUNS])
     assert [r.label for r in loaded] == ["adamw (micro)", "sgd_ll (micro)", "muon (micro)",
                                          "scale+ema_nesterov (micro)"]
     for run in loaded:
         xs, ys = run.series("train/loss")
         assert xs == list(range(EVERY, STEPS + 1, EVERY)) and ys[-1] < ys[0]   # a real run: it learns
         assert run.blocks() == [0, 1]
-        series = plot.layer_series(run, "update_rms")
+        series = plots.layer_series(run, "update_rms")
         assert set(series) == {"0", "1", "embed", "head", "final_norm"}
         assert series["0"][0] == list(range(EVERY, STEPS + 1, EVERY))
     # the per-block line is the geometric mean of the block's matrices
     run = loaded[0]
-    rec = run.records[-1]
-    expected = math.exp(sum(math.log(rec[f"diag/1/{k}/update_rms"]) for k in plot.MATRIX_KINDS) / 7)
-    assert plot.layer_series(run, "update_rms")["1"][1][-1] == pytest.approx(expected)
-    assert plot.layer_series(run, "update_rms", kind="v")["1"][1][-1] == pytest.approx(rec["diag/1/v/update_rms"])
+    rec = run.metrics[-1]
+    expected = math.exp(sum(math.log(rec[f"diag/1/{k}/update_rms"]) for k in MATRIX_KINDS) / 7)
+    assert plots.layer_series(run, "update_rms")["1"][1][-1] == pytest.approx(expected)
+    assert plots.layer_series(run, "update_rms", kind="v")["1"][1][-1] == pytest.approx(rec["diag/1/v/update_rms"])
 
-    figs = plot.make_figures(loaded)
+    figs, left_out = plots.make_figures(loaded)
+    assert left_out == {}
     loss_ax = figs["loss.png"].axes[0]
     labels = [line.get_label() for line in loss_ax.get_lines()]
     assert sum(label.endswith(" train") for label in labels) == 4 and sum(" eval " in label for label in labels) == 4
@@ -135,9 +132,9 @@ def test_figures_hold_every_run_and_layer(runs):
     # SCALE's matrices carry no momentum: their ||w||/||m|| panel shows only the head and norms
     ratio_titles = [ax.get_title() for ax in figs["weight_grad_ratio.png"].axes if ax.get_lines()]
     assert sum("||w|| / ||g||" in t for t in ratio_titles) == 4
-    scale_m = plot.layer_series(loaded[3], "w_over_m")
+    scale_m = plots.layer_series(loaded[3], "w_over_m")
     assert set(scale_m) == {"head", "final_norm"}
-    names, rel = plot._layer_distance(loaded[0])
+    names, rel = plots._layer_distance(loaded[0])
     assert names == ["embed", "0", "1", "final_norm", "head"] and all(r > 0 for r in rel)
     eff_panels = [ax for ax in figs["eff_lr.png"].axes if ax.get_visible() and ax.get_lines()]
     assert len(eff_panels) == 3                   # AdamW, Muon's AdamW part, SCALE's 1-D AdamW
@@ -147,7 +144,46 @@ def test_figures_hold_every_run_and_layer(runs):
         plt.close(fig)
 
 
-def test_missing_metrics_file_is_refused(tmp_path):
-    plot = load_script()
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        plot.load_run(tmp_path)
+def test_a_bad_path_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "no_such_run"
+    proc = plot_runs(missing, "--out", tmp_path / "figs")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"plot_runs: error: {missing} is not a directory"]
+    (tmp_path / "empty").mkdir()
+    proc = plot_runs(tmp_path / "empty", "--out", tmp_path / "figs")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and f"{tmp_path / 'empty'} holds no run directory" in proc.stderr
+    assert not (tmp_path / "figs").exists()
+
+
+def test_figures_with_nothing_to_draw_are_not_written(tmp_path):
+    """A run without diagnostics (only its loss logged): loss.png, and one line for each figure left out."""
+    run_dir = tmp_path / "adamw_no_diag"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"optimizer": {"name": "adamw"}, "model": {"flavor": "micro"}}))
+    logger = JsonlLogger(run_dir / "metrics.jsonl")
+    for step in range(1, 11):
+        logger.log({"train/loss": 5.0 - 0.1 * step}, step=step)
+    logger.close()
+    out = tmp_path / "figs"
+    proc = plot_runs(run_dir, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in out.iterdir()] == ["loss.png"]
+    left_out = {line.split(" not written: ")[0] for line in proc.stdout.splitlines() if " not written: " in line}
+    assert left_out == {str(out / name) for name in plots.FIGURES if name != "loss.png"}
+    assert f"{out / 'update_rms.png'} not written: no run has diag/<tensor>/update_rms" in proc.stdout
+
+
+def test_a_multirun_directory_is_read(runs, tmp_path):
+    """Hydra's outputs/multirun/<date>/<time>/ with its numbered job directories: every job is a run."""
+    sweep = tmp_path / "multirun" / "2026-12-07" / "12-00-00"
+    for number, dirname in enumerate(("adamw", "muon")):
+        shutil.copytree(runs / dirname, sweep / f"{number}_{dirname}_micro")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    out = tmp_path / "figs"
+    proc = plot_runs(sweep, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "loss.png").is_file() and (out / "update_rms.png").is_file()
+    loaded = load_runs([tmp_path / "multirun"])
+    assert [r.label for r in loaded] == ["adamw (micro)", "muon (micro)"]
+    assert [Path(r.source).name for r in loaded] == ["0_adamw_micro", "1_muon_micro"]

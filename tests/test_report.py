@@ -6,15 +6,19 @@ import math
 import pytest
 import yaml
 
-from llmopt.report import build_report, find_run_dirs, load_run_dir, lookup_published, main, published_numbers
+from llmopt.analysis.published import lookup_published, protocol_settings, published_numbers
+from llmopt.analysis.runs import find_run_dirs, load_run_dir
+from llmopt.report import build_report, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, name, *, table, row, size, optimizer, lookahead="none", steps, evals, slots_per_s,
-              memory_gb, state_bytes, params, summary=True, run_name=None, llmopt_gb=None):
+              memory_gb, state_bytes, params, summary=True, run_name=None, llmopt_gb=None, config_changes=None):
     """A run directory: config.yaml (resolved), metrics.jsonl (log every 50 steps, eval every 1000), summary.json.
 
+    The config follows the protocol of the published cell (table, row, size) where there is one (trainer.steps
+    is the planned length: the run logs `steps` of them), then `config_changes` ({dotted key: value}) apply.
     evals: {step: (token-weighted loss, paper-compatible loss)}; memory_gb, llmopt_gb: memory/paper_gb and
     memory/llmopt_gb (llmopt_gb None: not logged).
     """
@@ -27,6 +31,12 @@ def write_run(root, name, *, table, row, size, optimizer, lookahead="none", step
               "data": {"name": "c4", "seq_len": 256},
               "logger": {"wandb": {"enabled": False, "group": table, "name": name,
                                    "tags": [f"table:{table}", f"row:{row}", f"size:{size}", "lr:0.001", "seed:42"]}}}
+    for key, value in {**(protocol_settings(table, row, size) or {}), **(config_changes or {})}.items():
+        *parents, last = key.split(".")
+        section = config
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[last] = value
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     records = []
     for i, step in enumerate(range(50, steps + 1, 50)):
@@ -194,3 +204,53 @@ def test_a_swept_cell_shows_the_best_of_the_longest_runs(runs):
     report = build_report([load_run_dir(p) for p in find_run_dirs([runs["root"]])])
     row = next(r for r in table_rows(report, "## SCALE") if r["method"] == "scale")
     assert row["60m"].startswith("28.50 (best of 3)"), row
+
+
+def test_a_run_off_the_protocol_is_not_put_beside_the_published_row(runs):
+    """A tiny model run under scale_60m's name and tags (experiment=scale_table/scale_60m model=tiny ...): its
+    size comes from its resolved config, and the report says why it is not compared with the published 60M row
+    instead of printing a delta; a 60M run with another length or data is refused the same way."""
+    tiny = write_run(runs["root"], "scale_60m_tiny", table="scale_table", row="scale", size="60m", optimizer="scale",
+                     steps=100, evals={100: (math.log(40.0), math.log(39.5))}, slots_per_s=[1.0], memory_gb=0.001,
+                     state_bytes=1, params=1_000, run_name="scale_60m_lr0.001_seed7",
+                     config_changes={"model.flavor": "tiny", "trainer.steps": 100, "data.name": "offline"})
+    short = write_run(runs["root"], "adam_60m_short", table="scale_table", row="adam", size="60m", optimizer="adam",
+                      steps=100, evals={100: (math.log(50.0), math.log(49.0))}, slots_per_s=[1.0], memory_gb=0.35,
+                      state_bytes=1, params=58_072_128, config_changes={"trainer.steps": 100})
+    text = build_report([load_run_dir(p) for p in (runs["scale"], tiny, short)])
+    rows = {r["run"]: r for r in table_rows(text, "## Runs")}
+    assert rows["scale_60m_lr0.001_seed7"]["size"] == "tiny"
+    assert rows["scale_60m_lr0.001_seed7"]["published ppl"] == (
+        "not compared with scale_table/scale/60m: model.flavor is tiny, the paper's 60m; trainer.steps is 100, "
+        "the paper's 11000; data.name is offline, the paper's c4")
+    assert rows["adam_60m_short"]["published ppl"] == (
+        "not compared with scale_table/adam/60m: trainer.steps is 100, the paper's 11000")
+    assert rows["scale_60m_lr0.001_seed7"]["delta"] == "—"
+    assert rows["adam_60m_short"]["delta"] == "—" and rows["adam_60m_short"]["published GB"] == "—"
+    assert rows["scale_60m_lr0.001_seed42"]["published ppl"] == "30.81"      # the run on the protocol still is
+    headline = {r["method"]: r for r in table_rows(text, "## SCALE headline table")}
+    assert "tiny" not in headline["scale"]                                   # no column for the tiny run
+    assert headline["scale"]["60m"] == "31.02 [0.15 GB] (30.81, 0.15 GB)"
+    assert headline["adam"]["60m"] == "— (30.05, 0.35 GB)"                   # the short run stays out
+
+
+def test_rows_come_from_the_resolved_config_not_the_tags(tmp_path):
+    """Tags say row:scale, but the config is Adam's (optimizer=adam overridden on a SCALE experiment): the run is
+    Adam's row, compared with Adam's figure."""
+    run = write_run(tmp_path, "scale_60m_but_adam", table="scale_table", row="scale", size="60m", optimizer="adam",
+                    steps=100, evals={100: (math.log(31.0), math.log(30.5))}, slots_per_s=[1.0], memory_gb=0.35,
+                    state_bytes=1, params=58_072_128,
+                    config_changes={"optimizer.name": "adam", "optimizer.normalization": None,
+                                    "optimizer.momentum_on": None})
+    row = table_rows(build_report([load_run_dir(run)]), "## Runs")[0]
+    assert (row["table/row"], row["published ppl"], row["delta"]) == ("scale_table/adam", "30.05", "+0.45")
+
+
+def test_plots_with_nothing_to_draw_are_not_written(runs, tmp_path):
+    """The partial run logged no memory/paper_gb: no memory_ppl.png, and a line saying why."""
+    from llmopt.report import write_plots
+
+    lines = write_plots([load_run_dir(runs["partial"])], tmp_path / "plots")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["eval_ppl.png", "loss.png"]
+    memory_ppl = tmp_path / "plots" / "memory_ppl.png"
+    assert lines[-1] == f"{memory_ppl} not written: no run has memory/paper_gb and a perplexity"
