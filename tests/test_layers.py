@@ -34,8 +34,8 @@ def is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def llmopt_imports(path: Path) -> list[tuple[str, bool]]:
-    """The llmopt modules that `path` imports, each with whether the import is inside a function (lazy);
+def llmopt_imports(path: Path) -> list[tuple[str, bool, int]]:
+    """The llmopt modules that `path` imports, each with whether the import is inside a function (lazy) and its line;
     `from llmopt.a import b` names llmopt.a.b where b is a module, else llmopt.a."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
@@ -54,7 +54,8 @@ def llmopt_imports(path: Path) -> list[tuple[str, bool]]:
             targets = [f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base for alias in node.names]
         else:
             continue
-        found += [(target, id(node) in lazy_nodes) for target in dict.fromkeys(targets)  # `import a, b` once each
+        targets = dict.fromkeys(targets)  # `from llmopt.a import b, c`: llmopt.a once
+        found += [(target, id(node) in lazy_nodes, node.lineno) for target in targets
                   if target == "llmopt" or target.startswith("llmopt.")]
     return found
 
@@ -64,10 +65,10 @@ def package_of(module: str) -> str:
     return module.split(".")[1] if "." in module else ""
 
 
-def import_edges() -> list[tuple[str, str, str, bool]]:
-    """(importing module, its package, imported module, lazy) for every llmopt import under llmopt/."""
-    return [(module_name(path), package_of(module_name(path)), target, lazy)
-            for path in sorted(ROOT.rglob("*.py")) for target, lazy in llmopt_imports(path)]
+def import_edges() -> list[tuple[str, str, str, bool, int]]:
+    """(importing module, its package, imported module, lazy, line) for every llmopt import under llmopt/."""
+    return [(module_name(path), package_of(module_name(path)), target, lazy, line)
+            for path in sorted(ROOT.rglob("*.py")) for target, lazy, line in llmopt_imports(path)]
 
 
 def test_every_package_stands_on_a_floor():
@@ -78,7 +79,7 @@ def test_every_package_stands_on_a_floor():
 
 def test_the_import_graph_is_read():
     """Edges known to exist are found (top-level and lazy): the layering test below cannot pass by reading nothing."""
-    edges = {(module, target, lazy) for module, _, target, lazy in import_edges()}
+    edges = {(module, target, lazy) for module, _, target, lazy, _ in import_edges()}
     assert ("llmopt.model.cross_entropy", "llmopt.kernels.common", False) in edges
     assert ("llmopt.model.cross_entropy", "llmopt.kernels.common", True) not in edges  # under `if`, not a function
     assert ("llmopt.optim.scale", "llmopt.kernels.rows", False) in edges
@@ -88,15 +89,15 @@ def test_the_import_graph_is_read():
 
 def test_packages_import_only_from_floors_below():
     wrong = []
-    for module, package, target, lazy in import_edges():
+    for module, package, target, lazy, line in import_edges():
         target_package = package_of(target)
         if target_package in ("", package):
             continue
         if lazy and (package, target) in LAZY_EXCEPTIONS:
             continue
         if FLOORS[target_package] >= FLOORS[package]:
-            wrong.append(f"{module} imports {target}{' (in a function)' if lazy else ''}: {package} is on floor "
-                         f"{FLOORS[package]}, {target_package} on {FLOORS[target_package]}")
+            wrong.append(f"{module} (line {line}) imports {target}{' in a function' if lazy else ''}: {package} is on "
+                         f"floor {FLOORS[package]}, {target_package} on {FLOORS[target_package]}")
     assert not wrong, "imports against the layers (move the shared code down a floor):\n" + "\n".join(wrong)
 
 
@@ -108,6 +109,6 @@ def test_the_allowed_exception_imports_nothing_of_llmopt():
 
 def test_kernels_import_no_other_llmopt_package():
     """The ground floor's strictest case, spelled out: the kernels import nothing of llmopt but each other."""
-    outside = [(module, target) for module, package, target, _ in import_edges()
+    outside = [(module, target) for module, package, target, _, _ in import_edges()
                if package == "kernels" and package_of(target) != "kernels"]
     assert outside == []
