@@ -277,7 +277,6 @@ if triton is not None:
         tl.store(out + t, tl.sum(acc, axis=0))
 
 
-
 def _row_launch(n_cols: int, shape: dict[str, int]) -> tuple[int, int, int]:
     """The row kernels' tile for rows of n_cols: padded row length, rows per program, warps."""
     block = triton.next_power_of_2(n_cols)
