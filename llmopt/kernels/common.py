@@ -290,5 +290,3 @@ def _segment_sums(partials: torch.Tensor, first: torch.Tensor, counts: torch.Ten
     out = torch.empty(len(counts), dtype=torch.float32, device=partials.device)
     _segment_sum_kernel[(len(counts),)](partials, first, counts, out, BLOCK=1024, num_warps=4)
     return out
-
-
