@@ -14,7 +14,7 @@ perplexity and the published one, with memory in GB), then one line per run:
   figure, (sum of per-batch mean losses) / (batches + 1) (protocol.md section 1). The published
   GaLore-protocol tables (SCALE headline, SCALE ablation) were measured the paper-compatible way, the
   SGD-LL table token-weighted; "delta" is ours minus published, in the table's own measure.
-* memory paper GB: weights + optimizer state, bf16, 1 GB = 1e9 B (llmopt.optim.memory); memory llmopt GB:
+* memory paper GB: weights + optimizer state, bf16, 1 GB = 1e9 B (llmopt.accounting); memory llmopt GB:
   the same units for the states llmopt's optimizer holds (Muon: AdamW's two moments on the embedding,
   lm_head and norms, where the paper counts one state per parameter); measured state
   MB: the bytes of optimizer state the run actually held; token slots/s: the median of

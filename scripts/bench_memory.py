@@ -26,10 +26,10 @@ import time
 
 import torch
 
+from llmopt.accounting import estimate_train_bytes, llmopt_memory_gb, paper_memory_gb
 from llmopt.model import build_model, llama_config, param_counts
 from llmopt.model.loss import CausalLMLoss
 from llmopt.optim import build_optimizer, state_bytes
-from llmopt.optim.memory import estimate_train_bytes, llmopt_memory_gb, paper_memory_gb
 
 OPTIMIZERS = {  # name in the table: (registry name, hyper-parameters, lookahead, accounting name)
     "adamw": ("adamw", {"lr": 1e-3, "fused": True}, None, "adamw"),

@@ -7,7 +7,7 @@ isolation (the GPU waits for the host's launches, as a loop that syncs before ea
 "device" the GPU's own time with the host ahead (the GPU kept busy while the host queues the step, as in
 training, where the host runs ahead of the backward pass). The floor fraction is of the device time.
 
-SCALE, SGD-LL and EMA-Nesterov run their Triton kernels (llmopt/optim/kernels.py) on CUDA; the
+SCALE, SGD-LL and EMA-Nesterov run their Triton kernels (llmopt/kernels/) on CUDA; the
 "_eager" cases are the same optimizers with fused=False, measured in the same run.
 
 Floors (b = bytes per element, N = elements): fused AdamW reads p, g, m, v and writes p, m, v: 7Nb.
@@ -22,7 +22,7 @@ same-shape matrices), "muon_torch_old" the same with torch.optim.Muon (the old p
 "x torchMuon" column is their ratio.
 
 `--launch NAME=VALUE[,NAME=VALUE]` (repeatable) times each case again under other launch shapes of the Triton
-kernels (the constants of LAUNCH_SHAPES in llmopt/optim/kernels.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
+kernels (the constants of LAUNCH_SHAPES in llmopt/kernels/common.py, e.g. ROW_WARPS=8,ROW_ELEMENTS_PER_PROGRAM=4096):
 a launch sweep on a new device in one run, each extra row named "case[NAME=VALUE]" (device time only).
 `--row-shapes` (with the scale case) times SCALE's row kernel alone for each weight shape, against the bytes it
 moves: which shapes hold the kernel below its floor (rows "scale rows SHAPE xCOUNT", per launch shape too).
@@ -46,8 +46,10 @@ from unittest import mock
 
 import torch
 
+from llmopt.kernels import common as kernel_common
+from llmopt.kernels import rows as row_kernels
 from llmopt.model import build_model, llama_config
-from llmopt.optim import build_optimizer, classify_parameters, kernels, state_bytes
+from llmopt.optim import build_optimizer, classify_parameters, state_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -123,13 +125,13 @@ CASES = {
 
 
 def parse_launch(text: str) -> dict[str, int]:
-    """"ROW_WARPS=8,ELEMENTS_PER_PROGRAM=4096" -> {"ROW_WARPS": 8, ...}: launch constants of llmopt.optim.kernels,
+    """"ROW_WARPS=8,ELEMENTS_PER_PROGRAM=4096" -> {"ROW_WARPS": 8, ...}: launch constants of llmopt.kernels.common,
     each a power of two (Triton's block sizes and warp counts must be)."""
     shapes = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
         try:
-            kernels.check_launch_constants([name])
+            kernel_common.check_launch_constants([name])
         except ValueError as err:
             raise ValueError(f"--launch {text!r}: {err}") from None
         if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
@@ -140,7 +142,7 @@ def parse_launch(text: str) -> dict[str, int]:
 
 def launch_shapes(shapes: dict[str, int]):
     """A context in which the Triton kernels launch with these constants (on every device; restored after it)."""
-    return mock.patch.dict(kernels.launch_overrides, shapes)
+    return mock.patch.dict(kernel_common.launch_overrides, shapes)
 
 
 def floor_bytes(case: str, n: int, n_head: int, n_embed: int, b: int) -> float | None:
@@ -156,7 +158,7 @@ def floor_bytes(case: str, n: int, n_head: int, n_embed: int, b: int) -> float |
 
 
 def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None, references: bool = True) -> list[dict]:
-    """SCALE's row kernel alone (kernels.row_normalized_update_, one launch per shape), per weight shape of the
+    """SCALE's row kernel alone (row_kernels.row_normalized_update_, one launch per shape), per weight shape of the
     model: the hidden matrices, and lm_head with its momentum (the roles SCALE sends to it; the step's row-kernel
     calls, one shape at a time, on fresh random gradients). Rows as main()'s, the case named "scale rows SHAPE
     xCOUNT"; the floor is the bytes the kernel moves: 3 per element (read g and p, write p), 5 with the momentum.
@@ -172,7 +174,7 @@ def row_kernel_rows(model, steps: int, cuda: bool, bandwidth: float | None, refe
     for params, momentum in groups:
         grads = [torch.randn_like(p) * 1e-3 for p in params]
         directions = [torch.zeros_like(p) for p in params] if momentum else grads
-        one = functools.partial(kernels.row_normalized_update_, params, directions, 1e-3,
+        one = functools.partial(row_kernels.row_normalized_update_, params, directions, 1e-3,
                                 grads=grads if momentum else None, weight=0.1)
         moved = (5 if momentum else 3) * sum(p.numel() * p.element_size() for p in params)
         shape = "x".join(map(str, params[0].shape))
@@ -217,7 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--row-shapes", action="store_true",
                     help="with the scale case: its row kernel alone, per weight shape (and per --launch)")
     ap.add_argument("--launch", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                    help="time each case again with these launch constants of llmopt.optim.kernels (repeatable)")
+                    help="time each case again with these launch constants of llmopt.kernels.common (repeatable)")
     args = ap.parse_args(argv)
     try:  # bad input refused before any work
         launches = [(text, parse_launch(text)) for text in args.launch]
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
         ap.error(str(err))
     cuda = torch.cuda.is_available()
     if args.row_shapes and ("scale" not in args.cases
-                            or not kernels.available([torch.zeros(1, device="cuda" if cuda else "cpu")])):
+                            or not kernel_common.available([torch.zeros(1, device="cuda" if cuda else "cpu")])):
         ap.error("--row-shapes times SCALE's Triton row kernel: it needs the scale case and a CUDA device (or "
                  "TRITON_INTERPRET=1 on the CPU)")
     if not cuda:

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU the Triton kernels (llmopt/optim/kernels.py) run on CPU tensors in Triton's interpreter;
-# set before llmopt is imported, since kernels.py reads it then.
+# Without a GPU the Triton kernels (llmopt/kernels/) run on CPU tensors in Triton's interpreter;
+# set before llmopt is imported, since llmopt/kernels/common.py reads it then.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of llmopt/optim/kernels.py for an NVIDIA sm_90 target (H100, H200), without a GPU.
+"""Compile every Triton kernel of llmopt/kernels/ for an NVIDIA sm_90 target (H100, H200), without a GPU.
 
 The CPU tests run the kernels under Triton's interpreter, which executes them as Python and so accepts code that
 Triton's compiler refuses; this compiles each kernel, for each dtype and each kind of launch the code makes, as
@@ -8,7 +8,9 @@ TRITON_INTERPRET (tests/test_kernels.py starts it in a subprocess): `python -m t
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import re
 import sys
 
@@ -52,15 +54,19 @@ def compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from llmopt.optim import kernels
+    import llmopt.kernels
 
-    found = sorted(name for name in vars(kernels) if name.startswith("_") and name.endswith("_kernel"))
-    if sorted(SPECS) != found:
-        raise SystemExit(f"tests/gpu_compile.py: SPECS must name every kernel; kernels.py has {found}, SPECS "
-                         f"{sorted(SPECS)}: add the new kernel's pointer types and launch variants")
+    # every module of the package, so that a new family's kernels cannot be missed
+    modules = [importlib.import_module(f"llmopt.kernels.{module.name}")
+               for module in pkgutil.iter_modules(llmopt.kernels.__path__)]
+    kernels = {name: fn for module in modules for name, fn in vars(module).items()
+               if name.startswith("_") and name.endswith("_kernel")}
+    if sorted(SPECS) != sorted(kernels):
+        raise SystemExit(f"tests/gpu_compile.py: SPECS must name every kernel; llmopt/kernels/ has {sorted(kernels)}, "
+                         f"SPECS {sorted(SPECS)}: add the new kernel's pointer types and launch variants")
     lines = []
     for name, (pointers, variants) in SPECS.items():
-        fn = getattr(kernels, name)
+        fn = kernels[name]
         names = [p.name for p in fn.params]
         constexprs = {p.name for p in fn.params if p.is_constexpr}
         for dtype_name, dtype in (("bf16", tl.bfloat16), ("fp32", tl.float32)):

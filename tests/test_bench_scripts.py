@@ -177,17 +177,18 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     """A sweep is only a fair comparison if the optimizer computes the same thing under every launch shape:
     SCALE + EMA-Nesterov and SGD-LL (every Triton kernel they use) with tiny blocks and one warp equal the
     default shapes' results up to fp32 summation order, and the module's constants come back afterwards."""
+    from llmopt.kernels import common
     from llmopt.model import build_model, llama_config
-    from llmopt.optim import build_optimizer, kernels
+    from llmopt.optim import build_optimizer
 
-    assert kernels.available([torch.zeros(1)]), "the kernels must run here (TRITON_INTERPRET=1 on CPU: conftest.py)"
+    assert common.available([torch.zeros(1)]), "the kernels must run here (TRITON_INTERPRET=1 on CPU: conftest.py)"
     shapes = bench_optim.parse_launch("ROW_ELEMENTS_PER_PROGRAM=64,ROW_WARPS=1,LONG_ROW=16,LONG_ROW_WARPS=2,"
                                       "ELEMENTS_PER_PROGRAM=128,ELEMENT_WARPS=1,EMA_ELEMENTS_PER_PROGRAM=64,"
                                       "EMA_ELEMENT_WARPS=1")
     def current():
-        return kernels.launch_shape(torch.device("cpu"))
+        return common.launch_shape(torch.device("cpu"))
     defaults = current()
-    assert set(defaults) == set(kernels.LAUNCH_CONSTANTS)
+    assert set(defaults) == set(common.LAUNCH_CONSTANTS)
     assert all(defaults[name] != value for name, value in shapes.items())  # every constant really changes
 
     def train(name, **hparams):
@@ -218,15 +219,15 @@ def test_bench_optim_launch_shapes_change_the_launch_not_the_result():
     with pytest.raises(RuntimeError, match="inside"):  # restored when the timed block fails too
         with bench_optim.launch_shapes(shapes):
             raise RuntimeError("inside")
-    assert current() == defaults and kernels.launch_overrides == {}
+    assert current() == defaults and common.launch_overrides == {}
 
 
 def test_bench_optim_row_shapes(capsys, tmp_path, monkeypatch):
     """--row-shapes: SCALE's row kernel alone, a row per weight shape of the model (all 2-D weights but the
     embedding, lm_head with its momentum) for the default launch and each --launch, and torch's in-place add over
     the same bytes beside each shape without momentum (default launch only); no ratios to AdamW."""
+    from llmopt.kernels import common
     from llmopt.model import build_model, llama_config
-    from llmopt.optim import kernels
 
     model = build_model(llama_config("micro"))
     counts = {}
@@ -247,7 +248,7 @@ def test_bench_optim_row_shapes(capsys, tmp_path, monkeypatch):
     for r in rows[2:]:
         assert r["step_ms"] > 0 and r["x_fused_adamw"] is None and r["dtype"] == "fp32"
     assert head in capsys.readouterr().out
-    monkeypatch.setattr(kernels, "available", lambda tensors: False)  # e.g. a CPU without the interpreter
+    monkeypatch.setattr(common, "available", lambda tensors: False)  # e.g. a CPU without the interpreter
     for argv in (["--row-shapes"], ["--row-shapes", "--cases", "adamw_fused"]):
         with pytest.raises(SystemExit) as exit_info:
             bench_optim.main(["--flavor", "micro", *argv])

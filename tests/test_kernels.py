@@ -1,4 +1,4 @@
-"""The Triton kernels of llmopt/optim/kernels.py and the optimizers' fused paths.
+"""The Triton kernels of llmopt/kernels/ and the optimizers' fused paths.
 
 On a machine without CUDA the kernels run on CPU tensors under Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 there); with CUDA every test also runs on the GPU. Three layers:
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmopt.kernels import clipped, common, ema, rows
+from llmopt.kernels import muon as muon_kernels
 from llmopt.model import build_model, llama_config
-from llmopt.optim import kernels
 from llmopt.optim.ema_nesterov import EMANesterov
 from llmopt.optim.muon import BatchedMuon, MuonWithAdamW, padded_stack
 from llmopt.optim.scale import SCALE
@@ -41,12 +42,12 @@ from tests.test_optim_reference import (
     set_lrs,
 )
 
-DEVICES = (["cpu"] if kernels.INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if common.INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def test_kernels_can_run_here():
     """Not a skip in disguise: every machine that runs the suite runs the kernels somewhere."""
-    assert kernels.triton is not None, "triton is not installed: pip install -e '.[dev]' installs it"
+    assert common.triton is not None, "triton is not installed: pip install -e '.[dev]' installs it"
     assert DEVICES, "neither CUDA nor TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)"
 
 
@@ -73,24 +74,24 @@ def test_kernels_compile_for_the_gpu():
 def test_launch_shapes_by_device_kind(monkeypatch):
     """The launch table: a GPU takes its kind's entry over the default (measured on an H100), matched by name;
     launch_overrides (a launch sweep, a test) win on every device."""
-    default = kernels.LAUNCH_SHAPES["default"]
-    assert set(default) == set(kernels.LAUNCH_CONSTANTS)
-    assert kernels.shape_for_device("NVIDIA H100 80GB HBM3") == default
-    for kind, values in kernels.LAUNCH_SHAPES.items():  # the committed entries only name known constants
+    default = common.LAUNCH_SHAPES["default"]
+    assert set(default) == set(common.LAUNCH_CONSTANTS)
+    assert common.shape_for_device("NVIDIA H100 80GB HBM3") == default
+    for kind, values in common.LAUNCH_SHAPES.items():  # the committed entries only name known constants
         assert set(values) <= set(default), kind
     # a kind's entry over the default, for every device whose name contains the key (a table entry made here, so
     # that the rule is tested whichever kinds the committed table holds)
-    monkeypatch.setitem(kernels.LAUNCH_SHAPES, "H200", {"ELEMENTS_PER_PROGRAM": 512, "ROW_WARPS": 2})
-    h200 = kernels.shape_for_device("NVIDIA H200")
+    monkeypatch.setitem(common.LAUNCH_SHAPES, "H200", {"ELEMENTS_PER_PROGRAM": 512, "ROW_WARPS": 2})
+    h200 = common.shape_for_device("NVIDIA H200")
     assert h200 == {**default, "ELEMENTS_PER_PROGRAM": 512, "ROW_WARPS": 2} and h200 != default
-    assert kernels.shape_for_device("NVIDIA GH200 480GB") == h200
-    assert kernels.shape_for_device("NVIDIA H100 80GB HBM3") == default
-    assert kernels.launch_shape(torch.device("cpu")) == default
-    monkeypatch.setitem(kernels.launch_overrides, "ROW_WARPS", 1)
-    assert kernels.launch_shape(torch.device("cpu")) == {**default, "ROW_WARPS": 1}
-    monkeypatch.setitem(kernels.launch_overrides, "ROW_WARP", 2)
+    assert common.shape_for_device("NVIDIA GH200 480GB") == h200
+    assert common.shape_for_device("NVIDIA H100 80GB HBM3") == default
+    assert common.launch_shape(torch.device("cpu")) == default
+    monkeypatch.setitem(common.launch_overrides, "ROW_WARPS", 1)
+    assert common.launch_shape(torch.device("cpu")) == {**default, "ROW_WARPS": 1}
+    monkeypatch.setitem(common.launch_overrides, "ROW_WARP", 2)
     with pytest.raises(ValueError, match=r"unknown launch constants \['ROW_WARP'\]; known: .*ROW_WARPS"):
-        kernels.launch_shape(torch.device("cpu"))
+        common.launch_shape(torch.device("cpu"))
 
 
 def mantissa_bits(dtype):
@@ -132,7 +133,7 @@ def test_row_normalized_update_fp32_matches_float64_formula(device, decay):
         p64, d64 = p.double(), d.double()
         rms = d64.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-8)
         expected.append(p64 * decay - 0.01 * d64 / rms)
-    kernels.row_normalized_update_(params, directions, lr=0.01, decay=decay)
+    rows.row_normalized_update_(params, directions, lr=0.01, decay=decay)
     for i, (p, e) in enumerate(zip(params, expected)):
         assert p.dtype == torch.float32 and p.device.type == device
         assert_close(p.cpu(), e.cpu(), f"tensor {i} {tuple(p.shape)}", tol=1e-6)
@@ -147,17 +148,17 @@ def test_row_normalized_update_bf16_matches_eager_rounding(device):
         p.mul_(0.9)
         p.addcdiv_(d, torch.linalg.vector_norm(d, dim=1, keepdim=True).div_(math.sqrt(d.size(1))).clamp_min_(1e-8),
                    value=-0.1)
-    kernels.row_normalized_update_(params, directions, lr=0.1, decay=0.9)
+    rows.row_normalized_update_(params, directions, lr=0.1, decay=0.9)
     for i, (p, e) in enumerate(zip(params, eager)):
         assert p.dtype == torch.bfloat16
         within_ulps(p.cpu(), e.cpu(), f"tensor {i} {tuple(p.shape)}", ulps=1)
         assert not torch.equal(p.cpu(), tensors(ROW_SHAPES, torch.bfloat16, "cpu", 2)[i]), "nothing was written"
 
 
-def record_launches(monkeypatch, name: str, what) -> list:
-    """Kernel `name` of llmopt.optim.kernels still launched, with what(grid, keyword arguments) of each launch
-    appended to the list returned."""
-    kernel, launches = getattr(kernels, name), []
+def record_launches(monkeypatch, module, name: str, what) -> list:
+    """Kernel `name` of `module` (one of llmopt.kernels) still launched, with what(grid, keyword arguments) of each
+    launch appended to the list returned."""
+    kernel, launches = getattr(module, name), []
 
     class Recorded:
         def __getitem__(self, grid):
@@ -165,7 +166,7 @@ def record_launches(monkeypatch, name: str, what) -> list:
                 launches.append(what(grid, kwargs))
                 return kernel[grid](*args, **kwargs)
             return launch
-    monkeypatch.setattr(kernels, name, Recorded())
+    monkeypatch.setattr(module, name, Recorded())
     return launches
 
 
@@ -174,14 +175,15 @@ def record_launches(monkeypatch, name: str, what) -> list:
 # sum loops (one case is enough: under the CPU's interpreter each block is a Python call)
 @pytest.mark.parametrize("weight, block", [(0.1, 16), (0.7, 2048)])
 def test_lerp_sumsq_matches_lerp_and_norms(device, weight, block, monkeypatch):
-    monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", block)
+    monkeypatch.setitem(common.launch_overrides, "ELEMENTS_PER_PROGRAM", block)
     # the launches' grids and blocks, to see that the override reaches them
-    launches = record_launches(monkeypatch, "_lerp_sumsq_kernel", lambda grid, kwargs: (grid[0], kwargs["BLOCK"]))
+    launches = record_launches(monkeypatch, clipped, "_lerp_sumsq_kernel",
+                               lambda grid, kwargs: (grid[0], kwargs["BLOCK"]))
     momenta = tensors(FLAT_SHAPES, torch.float32, device, 4)
     grads = tensors(FLAT_SHAPES, torch.float32, device, 5)
     expected = [m.double() + weight * (g.double() - m.double()) for m, g in zip(momenta, grads)]
     originals = [m.clone() for m in momenta]
-    sums = kernels.lerp_sumsq_(momenta, grads, weight)
+    sums = clipped.lerp_sumsq_(momenta, grads, weight)
     # one launch per distinct non-empty size, together one program per `block` elements of each tensor
     assert len(launches) == len({math.prod(s) for s in FLAT_SHAPES} - {0}) and {b for _, b in launches} == {block}
     assert sum(n for n, _ in launches) == sum(-(-math.prod(s) // block) for s in FLAT_SHAPES)
@@ -189,7 +191,7 @@ def test_lerp_sumsq_matches_lerp_and_norms(device, weight, block, monkeypatch):
     for i, (m, e) in enumerate(zip(momenta, expected)):
         torch.testing.assert_close(m.cpu(), e.float().cpu(), rtol=1e-6, atol=1e-6, msg=f"momentum {i}")
         assert sums[i].item() == pytest.approx(m.double().pow(2).sum().item(), rel=1e-5), f"sum of squares {i}"
-    again = kernels.lerp_sumsq_(originals, grads, weight)
+    again = clipped.lerp_sumsq_(originals, grads, weight)
     assert torch.equal(again, sums) and all(torch.equal(a, m) for a, m in zip(originals, momenta)), \
         "the sums must be reproducible (no atomics)"
 
@@ -201,7 +203,7 @@ def test_lerp_sumsq_bf16_and_mixed_dtypes(device):
     grads = tensors(shapes, torch.bfloat16, device, 8) + tensors(shapes[:1], torch.float32, device, 9)
     eager = [m.clone() for m in momenta]
     torch._foreach_lerp_(eager, grads, 0.1)
-    sums = kernels.lerp_sumsq_(momenta, grads, 0.1)
+    sums = clipped.lerp_sumsq_(momenta, grads, 0.1)
     for i, (m, e) in enumerate(zip(momenta, eager)):
         assert m.dtype == e.dtype
         # operands O(1): fp32's absolute error near zero is that of O(1) values
@@ -219,7 +221,7 @@ def test_scaled_sub(device, dtype):
     eager = [p.clone() for p in params]
     for p, u, f in zip(eager, updates, factors.to(dtype).unbind()):
         p.addcmul_(u, f, value=-0.5)
-    kernels.scaled_sub_(params, updates, factors, lr=0.5)
+    clipped.scaled_sub_(params, updates, factors, lr=0.5)
     for i, (p, e) in enumerate(zip(params, eager)):
         within_ulps(p.cpu(), e.cpu(), f"param {i}", ulps=1, floor=1e-2)
 
@@ -234,14 +236,14 @@ def test_scaled_sub_rounds_its_factors_as_eager(device, dtype):
     updates = tensors(shapes, dtype, device, 17)
     factors = torch.tensor([0.3, 0.7, 0.9], device=device)
     params = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
-    kernels.scaled_sub_(params, updates, factors, lr=0.5)
+    clipped.scaled_sub_(params, updates, factors, lr=0.5)
     for i, (p, u) in enumerate(zip(params, updates)):
         expected = torch.zeros_like(p).addcmul_(u, factors[i].to(dtype), value=-0.5)
         assert torch.equal(p, expected), f"param {i} ({dtype})"
     (update,) = tensors([(300, 37)], dtype, device, 18)
     row_factors = torch.linspace(0.3, 0.9, 300, device=device).to(dtype)
     param = torch.zeros_like(update)
-    kernels.scaled_sub_([param], [update], factors[:1], lr=0.5, row_factors=[row_factors])
+    clipped.scaled_sub_([param], [update], factors[:1], lr=0.5, row_factors=[row_factors])
     expected = torch.zeros_like(update).addcmul_(update * row_factors[:, None], factors[0].to(dtype), value=-0.5)
     assert torch.equal(param, expected), f"row-scaled ({dtype})"
 
@@ -257,7 +259,7 @@ def test_scaled_sub_mixed_dtypes(device):
     eager = [p.clone() for p in params]
     for p, u, f in zip(eager, updates, factors.unbind()):
         p.addcmul_(u, f.to(p.dtype), value=-0.5)
-    kernels.scaled_sub_(params, updates, factors, lr=0.5)
+    clipped.scaled_sub_(params, updates, factors, lr=0.5)
     for i, (p, e) in enumerate(zip(params, eager)):
         assert p.dtype == dtypes[i]
         within_ulps(p.cpu(), e.cpu(), f"param {i} ({p.dtype})", ulps=1, floor=1e-2)
@@ -271,13 +273,13 @@ def test_row_lerp_sumsq_and_row_scaled_sub(device, dtype, shape):
     p <- p - lr * f * round(m * row_factor) as the eager `m * factor.to(m.dtype)` and `addcmul_`."""
     (momentum,), (grad,), (param,) = (tensors([shape], dtype, device, seed) for seed in (20, 21, 22))
     eager_m = momentum.clone().lerp_(grad, 0.1)
-    row_sq = kernels.row_lerp_sumsq_(momentum, grad, 0.1)
+    row_sq = clipped.row_lerp_sumsq_(momentum, grad, 0.1)
     within_ulps(momentum.cpu(), eager_m.cpu(), "momentum", floor=1.0 if dtype == torch.float32 else 1e-2)
     torch.testing.assert_close(row_sq.double().cpu(), momentum.double().pow(2).sum(dim=1).cpu(), rtol=1e-5, atol=0)
     row_factors = torch.linspace(0.25, 1.0, shape[0], device=device).to(dtype)
     factors = torch.tensor([0.5], device=device)
     eager_p = param.clone().addcmul_(momentum * row_factors[:, None], factors.to(dtype), value=-0.5)
-    kernels.scaled_sub_([param], [momentum], factors, lr=0.5, row_factors=[row_factors])
+    clipped.scaled_sub_([param], [momentum], factors, lr=0.5, row_factors=[row_factors])
     within_ulps(param.cpu(), eager_p.cpu(), "param", floor=1e-2)
 
 
@@ -288,7 +290,7 @@ def test_ema_momentum(device, gamma):
     prev = tensors(FLAT_SHAPES, torch.float32, device, 13)
     params = tensors(FLAT_SHAPES, torch.float32, device, 14)
     expected = [gamma * m.double() + (1 - gamma) * (p.double() - q.double()) for m, q, p in zip(momenta, prev, params)]
-    kernels.ema_momentum_(momenta, prev, params, gamma)
+    ema.ema_momentum_(momenta, prev, params, gamma)
     for i, (m, q, p, e) in enumerate(zip(momenta, prev, params, expected)):
         assert_close(m.cpu(), e.cpu(), f"momentum {i}", tol=1e-6)
         assert torch.equal(q, p), f"prev {i} must hold the new parameters"
@@ -315,24 +317,25 @@ def test_kernels_on_misaligned_tensors_match_aligned(device, monkeypatch):
     shapes = [(6, 37), (3, 4097), (4, 64)]
     fresh = tensors(shapes, torch.bfloat16, device, 30)
     odd = views_at_odd_offsets(fresh)
-    assert kernels._addresses(fresh)[1] and not kernels._addresses(fresh[:2] + odd[:1])[1]
-    assert kernels.rows_aligned(2048, torch.bfloat16) and kernels.rows_aligned(4, torch.float32)
-    assert not kernels.rows_aligned(5461, torch.bfloat16) and not kernels.rows_aligned(2, torch.float32)
+    assert common._addresses(fresh)[1] and not common._addresses(fresh[:2] + odd[:1])[1]
+    assert common.rows_aligned(2048, torch.bfloat16) and common.rows_aligned(4, torch.float32)
+    assert not common.rows_aligned(5461, torch.bfloat16) and not common.rows_aligned(2, torch.float32)
     directions = tensors(shapes, torch.bfloat16, device, 31, scale=1e-2)
     grads = tensors(shapes, torch.bfloat16, device, 32, scale=1e-2)
     prev = tensors(shapes, torch.bfloat16, device, 33)
-    flags = {name: record_launches(monkeypatch, name, lambda grid, kwargs: kwargs["ALIGNED"])
-             for name in ("_row_update_kernel", "_scaled_sub_kernel", "_ema_momentum_kernel", "_lerp_sumsq_kernel")}
+    launched_kernels = ((rows, "_row_update_kernel"), (clipped, "_scaled_sub_kernel"), (ema, "_ema_momentum_kernel"),
+                        (clipped, "_lerp_sumsq_kernel"))
+    flags = [record_launches(monkeypatch, module, name, lambda grid, kwargs: kwargs["ALIGNED"])
+             for module, name in launched_kernels]
     calls = [
-        lambda ps, ds, gs, qs: kernels.row_normalized_update_(ps, ds, 0.1, decay=0.9, grads=gs, weight=0.2),
-        lambda ps, ds, gs, qs: kernels.scaled_sub_(ps, ds, torch.linspace(0.5, 1, len(ps), device=device), 0.1),
-        lambda ps, ds, gs, qs: kernels.ema_momentum_(ds, qs, ps, 0.9),
-        lambda ps, ds, gs, qs: kernels.lerp_sumsq_(ds, gs, 0.3),
+        lambda ps, ds, gs, qs: rows.row_normalized_update_(ps, ds, 0.1, decay=0.9, grads=gs, weight=0.2),
+        lambda ps, ds, gs, qs: clipped.scaled_sub_(ps, ds, torch.linspace(0.5, 1, len(ps), device=device), 0.1),
+        lambda ps, ds, gs, qs: ema.ema_momentum_(ds, qs, ps, 0.9),
+        lambda ps, ds, gs, qs: clipped.lerp_sumsq_(ds, gs, 0.3),
     ]
     for i, call in enumerate(calls):
         aligned = [[t.clone() for t in ts] for ts in (fresh, directions, grads, prev)]
-        launched = flags[("_row_update_kernel", "_scaled_sub_kernel", "_ema_momentum_kernel",
-                          "_lerp_sumsq_kernel")[i]]
+        launched = flags[i]
         launched.clear()
         out_aligned = call(*aligned)
         aligned_flags = list(launched)  # one launch per shape, in the lists' order
@@ -394,14 +397,14 @@ def test_muon_stack_matches_torch(device, dtype, nesterov, shape, monkeypatch):
     a backend may fuse lerp's multiply-add); the padding untouched; the sums of squares those of the bf16
     updates; the division bit for bit torch's bf16 `x / norm.clamp(min=eps)`."""
     # several blocks per matrix, a partial last one
-    monkeypatch.setitem(kernels.launch_overrides, "ELEMENTS_PER_PROGRAM", 64)
+    monkeypatch.setitem(common.launch_overrides, "ELEMENTS_PER_PROGRAM", 64)
     momenta = tensors([shape] * 3, dtype, device, 30)
     grads = tensors([shape] * 3, dtype, device, 31)
     eager = [m.clone() for m in momenta]
     torch._foreach_lerp_(eager, grads, 1 - 0.95)
     updates = [g.lerp(m, 0.95) if nesterov else m for g, m in zip(grads, eager)]
     stack, _ = padded_stack(shape, 3, torch.device(device), pad_multiple=64)
-    sums = kernels.muon_stack_(momenta, grads, stack, 0.95, nesterov)
+    sums = muon_kernels.muon_stack_(momenta, grads, stack, 0.95, nesterov)
     for i, (m, e) in enumerate(zip(momenta, eager)):
         within_ulps(m.cpu(), e.cpu(), f"momentum {i}", floor=1.0 if dtype == torch.float32 else 1e-2)
     window = stack[:, :shape[0], :shape[1]]
@@ -411,7 +414,7 @@ def test_muon_stack_matches_torch(device, dtype, nesterov, shape, monkeypatch):
     torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=0)
     norms = window.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     expected_stack = stack / norms
-    kernels.divide_stack_(stack, norms.float().flatten())
+    muon_kernels.divide_stack_(stack, norms.float().flatten())
     assert torch.equal(stack, expected_stack)
 
 
@@ -578,10 +581,10 @@ def test_fused_true_refuses_where_the_kernels_cannot_run(monkeypatch):
     model = build_model(llama_config("micro"), seed=0, dtype=torch.float32)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(common, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="SGDLL: fused=True.*CUDA.*TRITON_INTERPRET=1"):
         SGDLL(role_groups(model), fused=True).step()
-    monkeypatch.setattr(kernels, "triton", None)
+    monkeypatch.setattr(common, "triton", None)
     lookahead = EMANesterov(torch.optim.SGD(model.parameters(), lr=0.1), fused=True)
     lookahead.pre_forward()
     with pytest.raises(RuntimeError, match="EMANesterov: fused=True.*triton is not installed"):
@@ -601,11 +604,11 @@ def test_fused_true_refuses_where_the_kernels_cannot_run(monkeypatch):
 def test_scale_rows_longer_than_the_kernel_keeps_take_the_eager_path(monkeypatch):
     """Rows over MAX_ROW go through the eager code (same update); shorter ones through the kernel."""
     calls = []
-    kernel = kernels.row_normalized_update_
-    monkeypatch.setattr(kernels, "row_normalized_update_", lambda *a, **k: calls.append(len(a[0])) or kernel(*a, **k))
+    kernel = rows.row_normalized_update_
+    monkeypatch.setattr(rows, "row_normalized_update_", lambda *a, **k: calls.append(len(a[0])) or kernel(*a, **k))
     results = {}
-    for max_row in (8, kernels.MAX_ROW):
-        monkeypatch.setattr(kernels, "MAX_ROW", max_row)
+    for max_row in (8, common.MAX_ROW):
+        monkeypatch.setattr(common, "MAX_ROW", max_row)
         model = build_model(llama_config("micro"), seed=0, dtype=torch.float32).to(DEVICES[0])
         for p in model.parameters():
             p.grad = torch.ones_like(p).cumsum(-1)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from llmopt.accounting import llmopt_memory_gb, paper_memory_gb, state_elements
 from llmopt.model import llama_config, param_counts
-from llmopt.optim import build_optimizer, llmopt_memory_gb, paper_memory_gb, state_bytes
-from llmopt.optim.memory import state_elements
+from llmopt.optim import build_optimizer, state_bytes
 from tests.conftest import lm_loss, micro_model, random_batches
 
 # SCALE paper, headline table: weights + optimizer state, GB, bf16

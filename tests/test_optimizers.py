@@ -160,9 +160,9 @@ def test_lookahead_wraps_and_counts_its_buffers():
 def test_lookahead_momentum_in_fp32_over_bf16_parameters():
     """Pure bf16: prev is a bf16 copy, m fp32 (2 + 4 bytes per parameter); momentum_dtype="param" keeps m bf16.
     The trainer's memory estimate counts the same."""
+    from llmopt.accounting import estimate_train_bytes
     from llmopt.model import llama_config, param_counts
     from llmopt.optim import state_bytes
-    from llmopt.optim.memory import estimate_train_bytes
 
     model = micro_model(dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())

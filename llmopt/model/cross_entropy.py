@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.optim.kernels import INTERPRET, triton, triton_dtype
+from llmopt.kernels.common import INTERPRET, triton, triton_dtype
 
 if triton is not None:
     import triton.language as tl
 
-    from llmopt.optim.kernels import round_nearest
+    from llmopt.kernels.common import round_nearest
 
     @triton.jit
     def _cross_entropy_rows(logits_ptr, targets_ptr, losses_ptr, V, ignore_index, DTYPE: tl.constexpr,

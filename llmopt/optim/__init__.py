@@ -1,7 +1,7 @@
 """Optimizers for LLaMA pre-training research; each is a plain torch.optim.Optimizer."""
 
 from llmopt.optim.ema_nesterov import EMANesterov
-from llmopt.optim.memory import llmopt_memory_gb, paper_memory_gb, state_bytes
+from llmopt.optim.memory import state_bytes
 from llmopt.optim.muon import MuonWithAdamW
 from llmopt.optim.registry import LOOKAHEADS, SPECS, build_optimizer, import_families, spec
 from llmopt.optim.roles import ROLES, ParamRoles, classify_parameters
@@ -12,5 +12,4 @@ import_families()  # every family module registers its optimizers
 OPTIMIZERS = tuple(sorted(SPECS))
 
 __all__ = ["EMANesterov", "LOOKAHEADS", "MuonWithAdamW", "OPTIMIZERS", "ParamRoles", "ROLES", "SCALE", "SGDLL",
-           "SPECS", "build_optimizer", "classify_parameters", "llmopt_memory_gb", "paper_memory_gb", "spec",
-           "state_bytes"]
+           "SPECS", "build_optimizer", "classify_parameters", "spec", "state_bytes"]

@@ -18,7 +18,7 @@ steps, lr_t is the base's first group lr when pre_forward runs, and lr_peak its 
 torch LR schedulers) or, without a scheduler, its lr at construction. m is updated on every step.
 init="zero" starts from m = 0 (the package and the authors' LLaMA code); init="first_update" sets
 m_1 = x_1 - x_0 (the authors' nanogpt code). gamma = 0 is classical Nesterov lookahead. `fused`: the
-momentum update after each step as one Triton kernel over all parameters (kernels.py); None uses it on
+momentum update after each step as one Triton kernel over all parameters (llmopt/kernels/ema.py); None uses it on
 CUDA, True insists, False uses foreach ops.
 """
 
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.optim import kernels
+from llmopt.kernels import common as kernel_common
+from llmopt.kernels import ema
 from llmopt.optim.common import OptimizerWrapper, check_choice, check_unit_interval
 from llmopt.optim.memory import state_tensors
 from llmopt.optim.registry import register_lookahead
@@ -86,9 +87,9 @@ class EMANesterov(OptimizerWrapper):
                                "(the gradient must be taken at the lookahead point)")
         loss = self.base.step(closure)
         first_update = self.init == "first_update" and self.step_count == 0
-        if kernels.use_kernels(self.fused, self.params + self.prev + self.momentum, "EMANesterov"):
+        if kernel_common.use_kernels(self.fused, self.params + self.prev + self.momentum, "EMANesterov"):
             # m <- gamma m + (1 - gamma)(p - prev); prev <- p in one pass (gamma = 0: m_1 = x_1 - x_0)
-            kernels.ema_momentum_(self.momentum, self.prev, self.params, 0.0 if first_update else self.gamma)
+            ema.ema_momentum_(self.momentum, self.prev, self.params, 0.0 if first_update else self.gamma)
         else:
             # d = x_{t+1} - x_t is formed in the prev buffer itself (as prev - p = -d): no temporary. In the
             # parameter dtype that difference is exact while |d| <= |x_t| (Sterbenz); m adds it in its own dtype

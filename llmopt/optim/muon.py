@@ -12,7 +12,7 @@ The matrix part is `BatchedMuon`: torch.optim.Muon's algorithm and state (one "m
 parameter, the same param-group keys, so state_dicts load either way), but each step runs
 Newton-Schulz once per (shape, dtype, device) group on the stacked matrices instead of once per
 matrix. On CUDA (`fused`: None = there, True = required, False = never) the momentum, the Nesterov update,
-the bf16 stack and its norms come from one Triton kernel pass (kernels.py), elsewhere from foreach ops.
+the bf16 stack and its norms come from one Triton kernel pass (llmopt/kernels/muon.py), elsewhere from foreach ops.
 `MuonWithAdamW(..., batched=False)` falls back to torch.optim.Muon itself (`optimizer.batched=false`).
 
 One deliberate difference: with bf16 parameters and nesterov=False, torch.optim.Muon (up to at least
@@ -28,7 +28,8 @@ from collections import defaultdict
 
 import torch
 
-from llmopt.optim import kernels
+from llmopt.kernels import common as kernel_common
+from llmopt.kernels import muon as muon_kernels
 from llmopt.optim.common import (
     OptimizerWrapper,
     check_choice,
@@ -76,7 +77,7 @@ def newton_schulz_batched(x: torch.Tensor, coefficients, steps: int, eps: float 
     matrix is X^T X and the step X <- a X + X (b G + c G^2), torch's step on X^T transposed."""
     a, b, c = coefficients
     tall = x.size(-2) > x.size(-1)
-    if eps is not None:  # None: the caller normalized the stack (kernels.divide_stack_)
+    if eps is not None:  # None: the caller normalized the stack (muon_kernels.divide_stack_)
         x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
         gram = x.mT @ x if tall else x @ x.mT
@@ -170,11 +171,11 @@ class BatchedMuon(torch.optim.Optimizer):
             plain = type(g[0]) is torch.Tensor
             if plain:
                 x, windows = padded_stack(shape, len(idx), device, pad_multiple=64 if device.type == "cuda" else 1)
-            if plain and kernels.use_kernels(self.fused, g + b, "BatchedMuon"):
+            if plain and kernel_common.use_kernels(self.fused, g + b, "BatchedMuon"):
                 # momentum, update and stack in one pass (with each update's sum of squares), then the
                 # normalization as torch: divided by the bf16 norm clamped at eps
-                sums = kernels.muon_stack_(b, g, x, momentum, group["nesterov"])
-                kernels.divide_stack_(x, sums.sqrt().bfloat16().clamp(min=group["eps"]).float())
+                sums = muon_kernels.muon_stack_(b, g, x, momentum, group["nesterov"])
+                muon_kernels.divide_stack_(x, sums.sqrt().bfloat16().clamp(min=group["eps"]).float())
                 x = newton_schulz_batched(x, group["ns_coefficients"], group["ns_steps"], eps=None)
             else:
                 torch._foreach_lerp_(b, g, 1 - momentum)

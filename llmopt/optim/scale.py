@@ -18,7 +18,7 @@ one learning rate means the same step size for all of them:
   none      g itself.
 `momentum_on` moves the momentum: "output" (SCALE), "all" (every matrix), "none".
 `fused`: the row normalization, the output layer's momentum and the update in one Triton kernel launch per
-row length, the embedding's update in one pass after its column RMS (kernels.py); None uses them on CUDA,
+row length, the embedding's update in one pass after its column RMS (llmopt/kernels/rows.py); None uses them on CUDA,
 True insists, False keeps the eager foreach and per-tensor code.
 
 The vector groups' lr is `adam_lr` (their own peak): a schedule that scales every group's initial
@@ -31,7 +31,8 @@ import math
 
 import torch
 
-from llmopt.optim import kernels
+from llmopt.kernels import common as kernel_common
+from llmopt.kernels import rows
 from llmopt.optim.common import (
     check_choice,
     check_nonnegative,
@@ -113,18 +114,18 @@ class SCALE(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p)
                 directions = [state["momentum_buffer"] for state in states]
             dim = unit_dim(kind, transposed) if kind in ("column", "row") else None
-            if dim is not None and kernels.use_kernels(self.fused, params + grads + (directions if momentum else []),
-                                                       "SCALE"):
-                if dim == 1 and max(p.shape[1] for p in params) <= kernels.MAX_ROW:
+            kernel_tensors = params + grads + (directions if momentum else [])
+            if dim is not None and kernel_common.use_kernels(self.fused, kernel_tensors, "SCALE"):
+                if dim == 1 and max(p.shape[1] for p in params) <= kernel_common.MAX_ROW:
                     # one pass per row: the momentum (if any), the row RMS and the update
-                    kernels.row_normalized_update_(params, directions, lr, decay=decay,
-                                                   grads=grads if momentum else None, weight=1 - group["momentum"])
+                    rows.row_normalized_update_(params, directions, lr, decay=decay,
+                                                grads=grads if momentum else None, weight=1 - group["momentum"])
                     continue
                 if dim == 0:  # the embedding: the column RMS (one reduction), then the update in one pass
                     if momentum:
                         torch._foreach_lerp_(directions, grads, 1 - group["momentum"])
                     for p, direction in zip(params, directions):
-                        kernels.column_normalized_update_(p, direction, rms_scale(direction, 0), lr, decay=decay)
+                        rows.column_normalized_update_(p, direction, rms_scale(direction, 0), lr, decay=decay)
                     continue
             if momentum:
                 torch._foreach_lerp_(directions, grads, 1 - group["momentum"])

@@ -13,7 +13,7 @@ kept in the state for diagnostics: "rms_clipped" (1.0 if the RMS clip fired this
 "rms_clip_count" (steps it fired, cumulative) and, for the output layer, "row_clip_fraction" (share of
 rows clipped this step). State dtype = parameter dtype (the diagnostics are float32 scalars).
 
-`fused`: both passes as Triton kernels over all tensors of a group (kernels.py: the momentum update
+`fused`: both passes as Triton kernels over all tensors of a group (llmopt/kernels/clipped.py: the momentum update
 with each tensor's sum of squares, then the clipped update; for the output layer each row's sum of
 squares, from which the row clip and the clipped update's norm follow, then the row-scaled update);
 None uses them on CUDA, True insists, False keeps the foreach/per-tensor eager code.
@@ -25,7 +25,8 @@ import math
 
 import torch
 
-from llmopt.optim import kernels
+from llmopt.kernels import clipped
+from llmopt.kernels import common as kernel_common
 from llmopt.optim.common import check_nonnegative, check_unit_interval, evaluate_closure, role_groups, with_grads
 from llmopt.optim.registry import groups_by_role, register
 
@@ -67,8 +68,8 @@ class SGDLL(torch.optim.Optimizer):
                     state["rms_clip_count"] = torch.zeros((), device=p.device)
             momenta = [state["momentum_buffer"] for state in states]
             clip_rows = group["role"] == "output" and delta is not None
-            fused = (tau is not None and kernels.use_kernels(self.fused, params + momenta + grads, "SGDLL")
-                     and not (clip_rows and any(p.size(1) > kernels.MAX_ROW for p in params)))
+            fused = (tau is not None and kernel_common.use_kernels(self.fused, params + momenta + grads, "SGDLL")
+                     and not (clip_rows and any(p.size(1) > kernel_common.MAX_ROW for p in params)))
             weight = 1 - group["momentum"]
             # pass 1: the momenta and every tensor's update RMS (clip statistics in at least fp32: bf16
             # norms are too coarse; fp64 stays fp64)
@@ -76,12 +77,12 @@ class SGDLL(torch.optim.Optimizer):
             updates, row_factors = momenta, None
             if fused and clip_rows:
                 # each row's sum of squares in the momentum pass; the clipped update's norm follows from them
-                row_sq = [kernels.row_lerp_sumsq_(m, g, weight) for m, g in zip(momenta, grads)]
+                row_sq = [clipped.row_lerp_sumsq_(m, g, weight) for m, g in zip(momenta, grads)]
                 row_factors = [self._row_factors(sq.sqrt(), delta, state).to(m.dtype)
                                for sq, state, m in zip(row_sq, states, momenta)]
                 norms = torch.stack([(f.float().square() * sq).sum().sqrt() for f, sq in zip(row_factors, row_sq)])
             elif fused:
-                norms = kernels.lerp_sumsq_(momenta, grads, weight).sqrt()
+                norms = clipped.lerp_sumsq_(momenta, grads, weight).sqrt()
             else:
                 torch._foreach_lerp_(momenta, grads, weight)
                 if clip_rows:
@@ -92,7 +93,7 @@ class SGDLL(torch.optim.Optimizer):
                     continue
                 norms = torch.stack(torch._foreach_norm(updates, 2, dtype=stat_dtype))
             # the step RMS, lr * RMS(u), and the clip factors as [tensors]-sized math on the device
-            inverse_sqrt_numel = kernels.device_tensor(tuple(1 / math.sqrt(u.numel()) for u in updates),
+            inverse_sqrt_numel = kernel_common.device_tensor(tuple(1 / math.sqrt(u.numel()) for u in updates),
                                                        norms.dtype, norms.device)
             step_rms = norms * inverse_sqrt_numel * lr
             fired = step_rms > tau
@@ -102,7 +103,7 @@ class SGDLL(torch.optim.Optimizer):
             torch._foreach_add_([state["rms_clip_count"] for state in states], fired)
             # pass 2: p <- p - lr * factor * u; the clipped update is never materialized
             if fused:
-                kernels.scaled_sub_(params, updates, factors, lr, row_factors=row_factors)
+                clipped.scaled_sub_(params, updates, factors, lr, row_factors=row_factors)
                 continue
             for p, update, factor in zip(params, updates, factors.to(params[0].dtype).unbind()):
                 p.addcmul_(update, factor, value=-lr)

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from llmopt.accounting import estimate_train_bytes, llmopt_memory_gb, paper_memory_gb
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
 from llmopt.model.attention import check_attention, check_sdpa_backend, sdpa_backend, use_attention
 from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss, check_loss
-from llmopt.optim import EMANesterov, build_optimizer, llmopt_memory_gb, paper_memory_gb, spec, state_bytes
-from llmopt.optim.memory import estimate_train_bytes
+from llmopt.optim import EMANesterov, build_optimizer, spec, state_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf, new_run_id
 from llmopt.train.reproducible import deterministic_mode
 from llmopt.train.schedule import make_schedule
