@@ -1,6 +1,6 @@
 """Every configs/experiment/**.yaml composes and says what protocol.md says; the documented sweeps compose.
 
-The expected values below are written from /work/shared/docs/protocol.md (sections in the comments), not
+The expected values below are written from docs/protocol.md (sections in the comments), not
 read from the experiment files: a file that drifts from the protocol fails here. A new experiment file is
 found by the glob and must get its row in `expected()`.
 """
@@ -260,7 +260,7 @@ def test_experiment_composes_with_protocol_values(hydra_configs, name):
 
 
 def test_choices_are_one_override_away(hydra_configs):
-    """Where the sources disagree, the alternative is a plain override (configs/experiment/README.md)."""
+    """Where the sources disagree, the alternative is a plain override (docs/reproducing.md)."""
     cfg = compose("train", overrides=["experiment=scale_table/galore_1b", "optimizer.rank=1024"])
     assert cfg.optimizer.rank == 1024 and cfg.optimizer.name == "galore"
     cfg = compose("train", overrides=["experiment=scale_table/scale_60m", "trainer.steps=10000",
@@ -282,10 +282,10 @@ def test_choices_are_one_override_away(hydra_configs):
 
 
 def sweep_commands() -> list[list[str]]:
-    """The `python -m llmopt.train -m ...` commands of configs/experiment/README.md, as override lists."""
+    """The `python -m llmopt.train -m ...` commands of docs/reproducing.md, as override lists."""
     prefix = ["python", "-m", "llmopt.train", "-m"]
     commands = []
-    for line in (CONFIGS / "experiment" / "README.md").read_text().splitlines():
+    for line in (CONFIGS.parent / "docs" / "reproducing.md").read_text().splitlines():
         words = shlex.split(line) if line.startswith("python -m llmopt.train -m ") else []
         if words[:4] == prefix:
             commands.append(words[4:])
