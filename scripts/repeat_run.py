@@ -5,7 +5,7 @@ Each run is `python -m llmopt.train OVERRIDES` with the loss logged at every ste
 in its own directory. The report: whether the per-step training losses of all runs are identical, the first step
 where they differ, the largest spread (max - min over runs) of any step's loss, and each run's tokens/s (median
 over its logged steps after the first, which holds compilation; with a host sync at every step, so lower than a
-run that logs less often). `trainer.deterministic=true` is the setting to try when they differ (README,
+run that logs less often). `trainer.deterministic=true` is the setting to try when they differ (docs/running.md,
 Reproducibility).
 
 Several GPUs: `--launcher` puts a launch command in place of `python` (each run is then `LAUNCHER -m llmopt.train

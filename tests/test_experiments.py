@@ -1,6 +1,6 @@
-"""Every configs/experiment/**.yaml composes and says what protocol.md says; the documented sweeps compose.
+"""Every configs/experiment/**.yaml composes and says what docs/protocol.md says; the documented sweeps compose.
 
-The expected values below are written from /work/shared/docs/protocol.md (sections in the comments), not
+The expected values below are written from docs/protocol.md (sections in the comments), not
 read from the experiment files: a file that drifts from the protocol fails here. A new experiment file is
 found by the glob and must get its row in `expected()`.
 """
@@ -29,7 +29,7 @@ EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
                      if p.parent != CONFIGS / "experiment" and not p.name.startswith("_"))
 TOP_LEVEL = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if not p.name.startswith("_"))
 
-# -- protocol.md, section 1: the GaLore protocol -----------------------------------------------------------
+# -- docs/protocol.md, section 1: the GaLore protocol -----------------------------------------------------------
 GALORE_PROTOCOL = {"trainer.global_batch_size": 512, "trainer.precision": "bf16_pure", "trainer.grad_clip": 0.0,
                    "trainer.eval_every": 1000, "schedule.name": "cosine", "schedule.warmup_ratio": 0.1,
                    "schedule.min_lr_ratio": 0.1, "schedule.reference_quirks": True}
@@ -50,7 +50,7 @@ SCALE_SEED = 42   # SCALE's scripts pass --seed 42 (also its argument default); 
 
 # -- section 5: baselines -------------------------------------------------------------------------------------
 GALORE_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
-APOLLO_RANK = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}   # 7B: not in protocol.md
+APOLLO_RANK = {"60m": 128, "130m": 192, "350m": 256, "1b": 256, "7b": 256}   # 7B: not in docs/protocol.md
 FIRA_ALPHA = {"60m": 0.25, "130m": 0.25, "350m": 0.25, "1b": 0.0625}
 # the methods' own released scripts (GaLore scripts/benchmark_c4, Fira pre_training_c4/scripts, APOLLO
 # scripts/pretrain_c4): evaluation batch over all GPUs = --batch_size x --nproc_per_node (x nodes), and the seed:
@@ -260,7 +260,7 @@ def test_experiment_composes_with_protocol_values(hydra_configs, name):
 
 
 def test_choices_are_one_override_away(hydra_configs):
-    """Where the sources disagree, the alternative is a plain override (configs/experiment/README.md)."""
+    """Where the sources disagree, the alternative is a plain override (docs/reproducing.md)."""
     cfg = compose("train", overrides=["experiment=scale_table/galore_1b", "optimizer.rank=1024"])
     assert cfg.optimizer.rank == 1024 and cfg.optimizer.name == "galore"
     cfg = compose("train", overrides=["experiment=scale_table/scale_60m", "trainer.steps=10000",
@@ -282,10 +282,10 @@ def test_choices_are_one_override_away(hydra_configs):
 
 
 def sweep_commands() -> list[list[str]]:
-    """The `python -m llmopt.train -m ...` commands of configs/experiment/README.md, as override lists."""
+    """The `python -m llmopt.train -m ...` commands of docs/reproducing.md, as override lists."""
     prefix = ["python", "-m", "llmopt.train", "-m"]
     commands = []
-    for line in (CONFIGS / "experiment" / "README.md").read_text().splitlines():
+    for line in (CONFIGS.parent / "docs" / "reproducing.md").read_text().splitlines():
         words = shlex.split(line) if line.startswith("python -m llmopt.train -m ") else []
         if words[:4] == prefix:
             commands.append(words[4:])

@@ -6,7 +6,7 @@ from llmopt.model.attention import causal_rows, use_attention
 from llmopt.model.loss import CausalLMLoss
 from llmopt.model.rotary import RotaryTable, use_rotary_table
 
-# protocol.md section 1: total and attention+MLP parameters of the config files
+# docs/protocol.md section 1: total and attention+MLP parameters of the config files
 PUBLISHED = {"60m": (58.07, 25.30), "130m": (134.11, 84.93), "350m": (367.97, 302.38),
              "1b": (1339.08, 1207.91), "7b": (6738.42, 6476.01)}
 

@@ -1,4 +1,4 @@
-"""Per-layer optimizer diagnostics (the SGD-LL paper's, protocol.md section 3), for every optimizer.
+"""Per-layer optimizer diagnostics (the SGD-LL paper's, docs/protocol.md section 3), for every optimizer.
 
 Every `every` optimizer updates the trainer measures one update: per parameter tensor the update RMS,
 weight RMS, gradient RMS, ||w|| / ||g||, ||w|| / ||m|| (where a momentum exists) and the distance from
@@ -107,25 +107,8 @@ Unmeasured updates cost two integer tests. A measured update adds a fixed amount
 passes over the weights, the copy of w_0 back to the device, and one small sort per layer for Adam's
 effective lr), no host sync inside before_step/after_step (checked with torch.cuda.set_sync_debug_mode;
 only the one-time sample indices are copied synchronously) and one transfer in collect().
-Measured with `python -m llmopt.metrics.diagnostics --flavor F --optimizer O` (benchmark() below): one
-micro-batch per step, the least favourable case (a real step accumulates many, so the share is smaller
-by that factor); w_0 on the CPU (pinned), snapshot on the device unless noted.
-
-  H100 80GB HBM3, torch 2.11+cu130, fp32 weights + bf16 autocast (7b: bf16 weights)
-  flavor optimizer  tokens/step  step     one measured update  overhead, every=100
-  130m   adamw      8192         54-62 ms 40-50 ms             0.7-0.8 %
-  130m   sgd_ll     8192         64 ms    32 ms                0.5 %
-  130m   muon       8192         104 ms   38 ms                0.36 %
-  350m   adamw      8192         116 ms   70 ms                0.6 %
-  350m   scale      8192         125 ms   71 ms                0.57 %
-  1b     adamw      4096         300 ms   169-175 ms           0.56-0.58 %
-  1b     adamw      (init_device="same")  79 ms                0.26 %   (+5.4 GB device memory)
-  1b     adamw      (snapshot_device="cpu") 401 ms             1.3 %    (-5.4 GB device memory)
-  1b     sgd_ll     4096         300 ms   143 ms               0.48 %
-  7b     sgd_ll     1024         216 ms   346 ms               1.6 %    (13.5 GB of w_0 copied back)
-  At the protocols' batch (0.5M tokens a step) the step is 60-500x longer: < 0.03 %.
-  CPU (2 cores, tiny flavor, 8 x 256 tokens, fp32, a loaded machine): a measured update costs 1.6 ms
-  (sgd_ll) to 8.5 ms (adamw) against a 36-50 ms step: 0.03-0.23 % at every=100.
+`python -m llmopt.metrics.diagnostics --flavor F --optimizer O` (benchmark() below) measures the overhead;
+the measured figures are in benchmarks/RESULTS.md ("Diagnostics overhead").
 """
 
 from __future__ import annotations
