@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+from llmopt.config import CONFIG_DIR
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
@@ -27,9 +30,9 @@ def main(cfg: DictConfig) -> None:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         summary = run(cfg, run_dir)
-    except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError) as err:
+    except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError, OmegaConfBaseException) as err:
         remove_if_unstarted(run_dir)
-        print(f"llmopt: error: {err}", file=sys.stderr)
+        print(f"llmopt: error: {config_error(err)}", file=sys.stderr)
         if sweeping:
             return
         sys.exit(2)
@@ -55,5 +58,25 @@ def main(cfg: DictConfig) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def config_error(err: Exception) -> str:
+    """An error as one line; a refused config names the key, the value and what was expected (Hydra's own report
+    spans a traceback or several lines)."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        problem = str(cause.msg).splitlines()[0]
+        return f"{cause.full_key}: {problem}" + (f" ({err})" if cause is not err else "")
+    return " ".join(str(err).split("Config search path")[0].split())
+
+
+def cli() -> None:
+    # Hydra then raises a config it refuses instead of printing it, and the error is reported in one line
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigCompositionException, OmegaConfBaseException) as err:
+        print(f"llmopt: error: {config_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -7,79 +7,41 @@ Everything that can be checked is checked before the model is allocated or anyth
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from llmopt.config import TrainerConfig, check_schema
 from llmopt.model import build_model, flops_per_token, llama_config, param_counts, use_rotary_table
 from llmopt.model.attention import check_attention, check_sdpa_backend, sdpa_backend, use_attention
 from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss, check_loss
 from llmopt.optim import EMANesterov, build_optimizer, llmopt_memory_gb, paper_memory_gb, spec, state_bytes
-from llmopt.optim.memory import estimate_train_bytes
 from llmopt.train.checkpoint import Checkpointer, export_hf, new_run_id
+from llmopt.train.checks import check_arguments, check_lookahead_window, check_memory, check_positions, check_sharding
 from llmopt.train.reproducible import deterministic_mode
 from llmopt.train.schedule import make_schedule
-from llmopt.train.trainer import Trainer, TrainerConfig, WeightCopy
+from llmopt.train.trainer import Trainer, WeightCopy
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the sbatch templates requeue the job on it
 
 log = logging.getLogger("llmopt")
 
-TRAINER_ONLY_KEYS = ("compile", "compile_options", "device", "activation_checkpointing", "loss_head", "loss_dtype",
-                     "rotary_table", "attention", "sdpa_backend", "deterministic")
-
-
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
-    values = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-              if k not in TRAINER_ONLY_KEYS}
-    check_known("trainer", values, [f.name for f in dataclasses.fields(TrainerConfig)] + list(TRAINER_ONLY_KEYS))
-    return TrainerConfig(**values)
-
-
-# the sections and keys of configs/train.yaml read here; a `+key` outside them would be silently ignored
-TOP_LEVEL_KEYS = ("seed", "run_name", "output_root", "checkpoint", "diagnostics", "model", "data", "optimizer",
-                  "lookahead", "schedule", "trainer", "logger")
-CHECKPOINT_KEYS = ("dir", "every", "keep", "final", "resume", "export_hf", "allow_other_runs")
-DIAGNOSTICS_KEYS = ("every", "init_device")
-
-
-def check_config_keys(cfg: DictConfig) -> None:
-    check_known("top-level", [k for k in cfg if k != "hydra"], TOP_LEVEL_KEYS)
-    check_known("checkpoint", cfg.checkpoint, CHECKPOINT_KEYS)
-    check_known("diagnostics", cfg.diagnostics, DIAGNOSTICS_KEYS)
-
-
-def check_known(section: str, names: Iterable[str], known: Iterable[str]) -> None:
-    """Refuse names (a config section's keys, a dict's) outside `known`, listing the known ones."""
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {section} keys {unknown}; the known ones are {sorted(known)}")
+    """cfg.trainer as the TrainerConfig it was composed onto, its values checked (TrainerConfig.__post_init__)."""
+    return TrainerConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
 
 
 def schedule_from_config(cfg: DictConfig, steps: int):
     """The schedule of cfg.schedule over `steps` updates; an unknown key or a bad value is refused here."""
     values = OmegaConf.to_container(cfg.schedule, resolve=True)
-    check_known("schedule", values, [k for k in inspect.signature(make_schedule).parameters if k != "steps"])
+    check_arguments("schedule", {"steps": steps, **values}, make_schedule)
     return make_schedule(steps=steps, **values)
-
-
-def check_lookahead_window(lookahead: dict, steps: int) -> None:
-    """A window that never opens in this run would make EMA-Nesterov a silent no-op (e.g. an experiment's
-    fixed window in a shortened run)."""
-    start, end = lookahead.get("start_step", 0), lookahead.get("end_step")
-    if start >= steps or (end is not None and end <= start):
-        raise ValueError(f"the lookahead window [lookahead.start_step={start}, lookahead.end_step={end}) is empty "
-                         f"in a run of trainer.steps={steps}: EMA-Nesterov would never look ahead. Set a window "
-                         f"inside [0, {steps}) (the default is 30%-80% of trainer.steps)")
 
 
 def inductor_options(options) -> dict:
@@ -109,8 +71,10 @@ def optimizer_kwargs(cfg: DictConfig) -> tuple[str, dict, dict | None]:
     name = hparams.pop("name")
     lookahead = OmegaConf.to_container(cfg.lookahead, resolve=True)
     lookahead = None if lookahead.pop("name") == "none" else lookahead
+    entry = spec(name)
+    check_arguments("optimizer", hparams, entry.cls or entry.build, known=False)
     if lookahead is not None:
-        check_known("lookahead", lookahead, list(inspect.signature(EMANesterov).parameters)[1:])
+        check_arguments("lookahead", lookahead, EMANesterov.__init__)
     return name, hparams, lookahead
 
 
@@ -118,8 +82,6 @@ def build_accelerator(precision: str, device: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
 
@@ -136,26 +98,6 @@ def build_accelerator(precision: str, device: str):
         raise ValueError(f"the launcher started {launched} processes but Accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate config / trainer.device")
     return accelerator
-
-
-def check_memory(counts: dict, optimizer: str, lookahead: dict | None, precision: str, device,
-                 fp32_eval_copy: bool = False) -> None:
-    """Refuse a model too large for the device before allocating it (`fp32_eval_copy`: plus an fp32 copy of the
-    weights for evaluation)."""
-    from llmopt.metrics.throughput import device_memory_bytes
-
-    need = estimate_train_bytes(counts, optimizer, "ema_nesterov" if lookahead else None, precision,
-                                (lookahead or {}).get("momentum_dtype", "float32"))
-    if need is not None and fp32_eval_copy:
-        need += 4 * counts["total"]
-    have = device_memory_bytes(device)
-    if need is not None and have is not None and need > 0.95 * have:
-        raise MemoryError(
-            f"weights + gradients + {optimizer} state need about {need / 1e9:.1f} GB in {precision} "
-            f"before any activation ({counts['total'] / 1e6:.0f}M parameters), but the device has "
-            f"{have / 1e9:.1f} GB. Use a smaller model flavor, trainer.precision=bf16_pure, a "
-            "lighter optimizer, or more devices." + (" (The fp32 evaluation copy of trainer.eval_precision=fp32 "
-                                                     "is included.)" if fp32_eval_copy else ""))
 
 
 class ModelCache:
@@ -182,47 +124,36 @@ class ModelCache:
 
 def run(cfg: DictConfig, run_dir: Path, models: ModelCache | None = None) -> dict:
     """Train one run in `run_dir`; `models` (optional) reuses compiled models across runs of one process."""
-    deterministic = bool(cfg.trainer.get("deterministic", False))
-    attention_kernel = str(cfg.trainer.get("sdpa_backend", "auto"))
-    check_sdpa_backend(attention_kernel, deterministic)  # before anything is built
-    with deterministic_mode(deterministic), sdpa_backend(attention_kernel), contextlib.ExitStack() as held:
-        return _run(cfg, run_dir, models, deterministic, attention_kernel, held)
+    check_schema(cfg)
+    tcfg = trainer_config(cfg)
+    check_sdpa_backend(tcfg.sdpa_backend, tcfg.deterministic)  # before anything is built
+    with deterministic_mode(tcfg.deterministic), sdpa_backend(tcfg.sdpa_backend), contextlib.ExitStack() as held:
+        return _run(cfg, tcfg, run_dir, models, held)
 
 
-def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministic: bool,
-         attention_kernel: str, held: contextlib.ExitStack) -> dict:
+def _run(cfg: DictConfig, tcfg: TrainerConfig, run_dir: Path, models: ModelCache | None,
+         held: contextlib.ExitStack) -> dict:
     from accelerate.utils import DistributedType
 
     from llmopt.data import build_data
     from llmopt.metrics.loggers import build_loggers
 
     # -- validate ---------------------------------------------------------------------------------
-    check_config_keys(cfg)
-    tcfg = trainer_config(cfg)
     schedule = schedule_from_config(cfg, tcfg.steps)
     opt_name, opt_hparams, lookahead = optimizer_kwargs(cfg)
     if lookahead is not None:
         check_lookahead_window(lookahead, tcfg.steps)
-    check_attention(str(cfg.trainer.get("attention", "sdpa")))  # before anything is built
-    loss_head = str(cfg.trainer.get("loss_head", "auto"))
-    loss_dtype = str(cfg.trainer.get("loss_dtype", "float32"))
-    check_loss(loss_head, loss_dtype)
-    compile_options = inductor_options(cfg.trainer.get("compile_options"))
-    accelerator = build_accelerator(tcfg.precision, cfg.trainer.device)
-    check_sdpa_backend(attention_kernel, deterministic, accelerator.device.type, tcfg.precision)
+    check_attention(tcfg.attention)  # before anything is built
+    check_loss(tcfg.loss_head, tcfg.loss_dtype)
+    compile_options = inductor_options(tcfg.compile_options)
+    accelerator = build_accelerator(tcfg.precision, tcfg.device)
+    check_sdpa_backend(tcfg.sdpa_backend, tcfg.deterministic, accelerator.device.type, tcfg.precision)
     tcfg.accumulation(accelerator.num_processes)
     tcfg.eval_batch(accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.FSDP and spec(opt_name).whole_tensors:
-        raise ValueError(f"optimizer {opt_name!r} needs whole rows or tensors, which FSDP shards; run it "
-                         "with DDP (accelerate config configs/accelerate/ddp.yaml)")
-    # fp32 evaluation runs a module of its own beside the prepared one (see build()); FSDP's shards live in the latter
-    fp32_eval = tcfg.eval_precision == "fp32" and tcfg.precision != "fp32"
-    if accelerator.distributed_type == DistributedType.FSDP and fp32_eval:
-        raise ValueError(f"trainer.eval_precision=fp32 with trainer.precision={tcfg.precision} runs under DDP or on "
-                         "one device, not FSDP: use configs/accelerate/ddp.yaml, or trainer.eval_precision=train")
-    model_config = llama_config(cfg.model.flavor, vocab_size=cfg.model.vocab_size,
-                                max_seq_len=max(2048, int(cfg.data.seq_len)),
-                                padding_idx=int(cfg.model.get("padding_idx", 0)))
+    check_sharding(accelerator.distributed_type == DistributedType.FSDP, opt_name, tcfg)
+    fp32_eval = tcfg.fp32_eval
+    model_config = llama_config(cfg.model.flavor, vocab_size=cfg.model.vocab_size, padding_idx=cfg.model.padding_idx)
+    check_positions(cfg.data.seq_len, model_config)
     counts = param_counts(model_config)
     check_memory(counts, opt_name, lookahead, tcfg.precision, accelerator.device,
                  fp32_eval_copy=fp32_eval and tcfg.precision == "bf16_pure")
@@ -234,26 +165,23 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
 
     # -- build --------------------------------------------------------------------------------------
     dtype = torch.bfloat16 if tcfg.precision == "bf16_pure" else torch.float32
-    checkpoint_activations = bool(cfg.trainer.get("activation_checkpointing", False))
-    rotary_table = bool(cfg.trainer.get("rotary_table", True))
-    attention = str(cfg.trainer.get("attention", "sdpa"))
 
     def build_lm(weights_dtype):
         model = build_model(model_config, seed=cfg.seed, device=accelerator.device, dtype=weights_dtype)
-        if rotary_table:
+        if tcfg.rotary_table:
             use_rotary_table(model)
-        use_attention(model, attention)
+        use_attention(model, tcfg.attention)
         return model
 
     def loss_module(lm):
-        loss_model = CausalLMLoss(lm, head=loss_head, loss_dtype=loss_dtype)
-        return torch.compile(loss_model, options=compile_options or None) if cfg.trainer.compile else loss_model
+        loss_model = CausalLMLoss(lm, head=tcfg.loss_head, loss_dtype=tcfg.loss_dtype)
+        return torch.compile(loss_model, options=compile_options or None) if tcfg.compile else loss_model
 
     def build():
         model = build_lm(dtype)
-        if deterministic:  # compiled, the embedding's ordered gradient is otherwise slow on real text
+        if tcfg.deterministic:  # compiled, the embedding's ordered gradient is otherwise slow on real text
             use_ordered_embedding(model)
-        if checkpoint_activations:
+        if tcfg.activation_checkpointing:
             # recompute each decoder layer's activations in the backward pass: memory for time (large
             # flavors on one GPU); non-reentrant, which torch.compile and no_sync accumulation support
             if hasattr(model, "activation_checkpointing_enable"):   # the name since transformers 5.x
@@ -275,10 +203,10 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
     else:
         key = (cfg.model.flavor, model_config.vocab_size, model_config.max_position_embeddings,
                model_config.pad_token_id, cfg.seed,
-               tcfg.precision, bool(cfg.trainer.compile), tuple(sorted(compile_options.items())),
-               checkpoint_activations, loss_head, loss_dtype, rotary_table, attention,
-               attention_kernel,  # a compiled graph holds the kernel chosen when it was traced
-               str(accelerator.device), accelerator.num_processes, deterministic, tcfg.eval_precision)
+               tcfg.precision, tcfg.compile, tuple(sorted(compile_options.items())),
+               tcfg.activation_checkpointing, tcfg.loss_head, tcfg.loss_dtype, tcfg.rotary_table, tcfg.attention,
+               tcfg.sdpa_backend,  # a compiled graph holds the kernel chosen when it was traced
+               str(accelerator.device), accelerator.num_processes, tcfg.deterministic, tcfg.eval_precision)
         model, loss_model, eval_model, eval_weights = models.get(key, build)
     optimizer = build_optimizer(model, opt_name, lookahead=lookahead, **opt_hparams)
     scheduler = schedule.lr_scheduler(optimizer)
@@ -288,7 +216,7 @@ def _run(cfg: DictConfig, run_dir: Path, models: ModelCache | None, deterministi
                                 keep=cfg.checkpoint.keep,
                                 sharded=accelerator.distributed_type == DistributedType.FSDP,
                                 identity=run_identity(cfg),
-                                allow_other_runs=bool(cfg.checkpoint.get("allow_other_runs", False)), run_id=run_id)
+                                allow_other_runs=cfg.checkpoint.allow_other_runs, run_id=run_id)
     resume_from = _resume_path(cfg.checkpoint.resume, checkpointer)
     checkpointer.claim(resume_from, continue_run=cfg.checkpoint.resume == "auto")
     resumed = Checkpointer.saved_meta(resume_from) if resume_from is not None else {}
