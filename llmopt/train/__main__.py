@@ -21,7 +21,9 @@ def main(cfg: DictConfig) -> None:
 
     from llmopt.data.sources import HubUnreachableError
     from llmopt.train.lock import DirectoryLocked
-    from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_unstarted, run
+    from llmopt.train.run import run
+    from llmopt.train.rundir import format_summary, remove_if_unstarted
+    from llmopt.train.signals import PREEMPTED_EXIT_CODE
     from llmopt.train.trainer import NonFiniteError
 
     hydra_cfg = HydraConfig.get()

@@ -62,18 +62,18 @@ class WeightCopy:
 
 
 class Trainer:
-    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract. `loggers` may be
-    set after construction (run() starts them once a checkpoint to resume has loaded). `eval_model`: the CausalLMLoss
-    evaluations run (default `model`); `eval_weights`: a WeightCopy into it, refreshed before each evaluation."""
+    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract. `eval_model`: the
+    CausalLMLoss evaluations run (default `model`); `eval_weights`: a WeightCopy into it, refreshed before each
+    evaluation. The loggers come with fit() (run() starts them once a checkpoint to resume has loaded)."""
 
     def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
-                 loggers, seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
                  extra_metrics: dict | None = None, diagnostics=None, checkpointer=None, stop_requested=None,
                  eval_model=None, eval_weights: WeightCopy | None = None):
         self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
         self.eval_model = model if eval_model is None else eval_model
         self.eval_weights = eval_weights
-        self.data, self.accelerator, self.config, self.loggers = data, accelerator, config, loggers
+        self.data, self.accelerator, self.config = data, accelerator, config
         self.seq_len = seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.extra_metrics = extra_metrics or {}   # constant facts, logged with the first record
@@ -240,7 +240,8 @@ class Trainer:
                 f"{prefix}paper_batches": batches}  # this rank's; its paper figure divides by batches + 1
 
     # -- the run ------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, loggers) -> dict:
+        """Train to the end of the schedule (or a preemption), logging through `loggers` (llmopt.metrics.loggers)."""
         cfg, acc = self.config, self.accelerator
         slots_per_step = cfg.global_batch_size * self.seq_len
         progress = self._progress_bar()
@@ -284,7 +285,7 @@ class Trainer:
                 self.last_eval = self.evaluate()
                 metrics.update(self.last_eval)
             if metrics:
-                self.loggers.log(metrics, step=self.step)
+                loggers.log(metrics, step=self.step)
             if self.checkpointer is not None and self.step < self.schedule.num_updates and \
                     self.checkpointer.due(self.step):
                 self.check_before_checkpoint()
