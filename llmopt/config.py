@@ -40,67 +40,67 @@ LOSS_WEIGHTINGS = ("tokens", "micro_batch_mean")
 
 @dataclass
 class ModelConfig:
-    flavor: str = MISSING            # LLaMA flavor of llmopt.model.FLAVORS: micro, tiny, 60m, 130m, 350m, 1b, 7b
+    flavor: str = MISSING        # LLaMA flavor of llmopt.model.FLAVORS: micro, tiny, 60m, 130m, 350m, 1b, 7b
     vocab_size: int | None = None  # null = the flavor's own vocabulary
-    padding_idx: int = 0             # the embedding row never trained: 0 = t5's pad; -1 = GaLore's and APOLLO's
-                                     # configs' (row vocab-1); 1 = SCALE's, SGD-LL's, EMA-Nesterov's (t5's EOS)
+    padding_idx: int = 0         # the embedding row never trained: 0 = t5's pad; -1 = GaLore's and APOLLO's
+                                 # configs' (row vocab-1); 1 = SCALE's, SGD-LL's, EMA-Nesterov's (t5's EOS)
 
 
 @dataclass
 class DataSchema:
     """The data group as Hydra types it; llmopt.data.config.parse_config checks the sources and the values
     (its module docstring describes every key), and its DataConfig takes its defaults from here."""
-    mode: str = MISSING              # truncate_pad (one document per sequence, the papers') | packed
-    seq_len: int = MISSING           # tokens per sequence
-    tokenizer: str = MISSING         # a Hub name (t5-base), a local path (relative to data_dir) or synthetic
+    mode: str = MISSING          # truncate_pad (one document per sequence, the papers') | packed
+    seq_len: int = MISSING       # tokens per sequence
+    tokenizer: str = MISSING     # a Hub name (t5-base), a local path (relative to data_dir) or synthetic
     train: dict[str, Any] = MISSING  # the training source: {type: hub | local | synthetic, ...}
     eval: dict[str, Any] = MISSING   # the validation source, read whole-stream
     extra_eval: dict[str, Any] = field(default_factory=dict)  # more held-out sets {name: source}: eval/<name>/...
-    name: str = "data"               # a label saved with the run's config
+    name: str = "data"           # a label saved with the run's config
     vocab_size: int | None = None  # null = len(tokenizer); smaller cuts off unused special tokens
     eval_tokens: int | None = None  # the validation set's non-pad tokens; null = the whole eval source
     shuffle_seed: int | None = None  # seed of the sources' shuffle; null = the run seed (train), 0 (eval)
-    num_workers: int = 0             # tokenizer processes per rank (0 = in the training process)
-    on_bad_record: str = "fail"      # fail | skip (count and warn) a record that cannot be parsed
-    data_dir: str | None = None   # base of relative paths; null = the project root
+    num_workers: int = 0         # tokenizer processes per rank (0 = in the training process)
+    on_bad_record: str = "fail"  # fail | skip (count and warn) a record that cannot be parsed
+    data_dir: str | None = None  # base of relative paths; null = the project root
     synthetic: dict[str, Any] = field(default_factory=dict)  # the synthetic corpus (llmopt.data.SyntheticSpec)
-    chunk_docs: int = 64             # documents per tokenization task
-    prefetch: int = 4                # tokenization tasks in flight per worker
-    batches_ahead: int = 4           # micro-batches assembled ahead on a background thread (0 = in the loop)
-    hub_timeout_s: float = 10.0      # how long to wait for the Hugging Face Hub before failing
+    chunk_docs: int = 64         # documents per tokenization task
+    prefetch: int = 4            # tokenization tasks in flight per worker
+    batches_ahead: int = 4       # micro-batches assembled ahead on a background thread (0 = in the loop)
+    hub_timeout_s: float = 10.0  # how long to wait for the Hugging Face Hub before failing
     window_shuffle_buffer: int | None = None  # packed mode: windows shuffled through this many;
-                                                 # null = the packer's order
+                                 # null = the packer's order
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = 300                 # schedule length (the reference-quirks schedule makes steps + 1 updates)
-    global_batch_size: int = 32      # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 16       # sequences per forward/backward on one rank
-    precision: str = "fp32"          # bf16_pure (the papers' code) | amp_bf16 (fp32 master weights) | fp32
-    grad_clip: float = 0.0           # gradient-norm clip; 0 = off
-    eval_every: int = 100            # steps between evaluations (and at the end)
+    steps: int = 300             # schedule length (the reference-quirks schedule makes steps + 1 updates)
+    global_batch_size: int = 32  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16   # sequences per forward/backward on one rank
+    precision: str = "fp32"      # bf16_pure (the papers' code) | amp_bf16 (fp32 master weights) | fp32
+    grad_clip: float = 0.0       # gradient-norm clip; 0 = off
+    eval_every: int = 100        # steps between evaluations (and at the end)
     eval_batch_size: int | None = None         # sequences per evaluation batch on one rank; null = micro
     eval_global_batch_size: int | None = None  # ... over all ranks instead, split evenly (the paper-compatible
-                                                  # loss depends on it)
+                                 # loss depends on it)
     eval_precision: str = "train"    # train (the training autocast and weights) | fp32 (no autocast, fp32 weights:
-                                     # the SGD-LL / EMA-Nesterov scripts' --eval_in_fp32)
-    log_every: int = 10              # steps between log records
-    nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
+                                 # the SGD-LL / EMA-Nesterov scripts' --eval_in_fp32)
+    log_every: int = 10          # steps between log records
+    nonfinite: str = "stop"      # stop | skip: what a NaN/Inf loss or gradient does
     loss_weighting: str = "tokens"   # tokens (every target token alike) | micro_batch_mean (the reference loop's
-                                     # mean of the micro-batches' mean losses)
-    compile: bool = False            # torch.compile the model
+                                 # mean of the micro-batches' mean losses)
+    compile: bool = False        # torch.compile the model
     compile_options: dict[str, Any] = field(default_factory=dict)  # torch.compile inductor options, e.g.
-                                                                   # {coordinate_descent_tuning: true}
+                                 # {coordinate_descent_tuning: true}
     activation_checkpointing: bool = False  # recompute layer activations in backward (less memory, ~1/3 more time)
-    loss_head: str = "auto"          # auto (one_pass on CUDA, else plain) | plain | one_pass | chunked
-    loss_dtype: str = "float32"      # float32 (softmax in fp32) | logits (in the logits' dtype: the papers' bf16)
-    rotary_table: bool = True        # RoPE cos/sin from a table (transformers' values, fewer FLOPs)
-    attention: str = "sdpa"          # sdpa (is_causal, also compiled) | transformers (its own masks)
-    sdpa_backend: str = "auto"       # auto (torch's pick) | math | math_bf16 (the papers' torch 2.4) | flash |
-                                     # efficient | cudnn
-    device: str = "auto"             # auto | cpu | cuda
-    deterministic: bool = False      # GPU runs repeat bit for bit, slower (llmopt.train.reproducible)
+    loss_head: str = "auto"      # auto (one_pass on CUDA, else plain) | plain | one_pass | chunked
+    loss_dtype: str = "float32"  # float32 (softmax in fp32) | logits (in the logits' dtype: the papers' bf16)
+    rotary_table: bool = True    # RoPE cos/sin from a table (transformers' values, fewer FLOPs)
+    attention: str = "sdpa"      # sdpa (is_causal, also compiled) | transformers (its own masks)
+    sdpa_backend: str = "auto"   # auto (torch's pick) | math | math_bf16 (the papers' torch 2.4) | flash |
+                                 # efficient | cudnn
+    device: str = "auto"         # auto | cpu | cuda
+    deterministic: bool = False  # GPU runs repeat bit for bit, slower (llmopt.train.reproducible)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -154,28 +154,28 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "${hydra:runtime.output_dir}/checkpoints"  # set a stable path to resume across invocations
-    every: int = 0                   # steps between checkpoints; 0 = only at the end and on preemption
-    keep: int = 2                    # the last K are kept
-    final: bool = True               # checkpoint at the end of the run
-    resume: str = "auto"             # auto (newest valid in dir) | none | path to a step_<8 digits> directory
-    export_hf: bool = True           # also save the final model with save_pretrained (<run dir>/hf_model)
+    every: int = 0               # steps between checkpoints; 0 = only at the end and on preemption
+    keep: int = 2                # the last K are kept
+    final: bool = True           # checkpoint at the end of the run
+    resume: str = "auto"         # auto (newest valid in dir) | none | path to a step_<8 digits> directory
+    export_hf: bool = True       # also save the final model with save_pretrained (<run dir>/hf_model)
     allow_other_runs: bool = False   # true: write beside another run's checkpoints in dir (each prunes its own)
 
 
 @dataclass
 class DiagnosticsConfig:
-    every: int = 0                   # steps between per-layer diagnostics; 0 = off
-    init_device: str = "cpu"         # where w_0 is kept for the distance from initialization
+    every: int = 0               # steps between per-layer diagnostics; 0 = off
+    init_device: str = "cpu"     # where w_0 is kept for the distance from initialization
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False            # log to W&B too (metrics.jsonl in the run directory always)
+    enabled: bool = False        # log to W&B too (metrics.jsonl in the run directory always)
     mode: str = "${oc.env:WANDB_MODE,offline}"  # online | offline; WANDB_MODE, when set, wins (W&B's convention)
-    project: str = "llmopt"          # the W&B project
-    entity: str | None = None     # the W&B entity (user or team); null = W&B's default
-    group: str | None = None      # the W&B run group
-    name: str = "${run_name}"        # the W&B run name
+    project: str = "llmopt"      # the W&B project
+    entity: str | None = None    # the W&B entity (user or team); null = W&B's default
+    group: str | None = None     # the W&B run group
+    name: str = "${run_name}"    # the W&B run name
     tags: list[str] = field(default_factory=list)  # W&B tags
 
 
@@ -195,10 +195,10 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints and resuming
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)  # per-layer diagnostics
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go
-    seed: int = 0                    # the run seed: model initialization, data order
+    seed: int = 0                # the run seed: model initialization, data order
     run_name: str = "${optimizer.name}_${model.flavor}_${lookahead.name}_lr${optimizer.lr}_seed${seed}"  # names the
-                                     # run directory and the W&B run
-    output_root: str = "outputs"     # run directories go under it
+                                 # run directory and the W&B run
+    output_root: str = "outputs" # run directories go under it
 
 
 def check_schema(cfg) -> None:
