@@ -55,9 +55,9 @@ def recording_trainer(out: dict):
     base = run_module.Trainer
 
     class RecordingTrainer(base):
-        def fit(self):
+        def fit(self, loggers):
             self.train_iter = Recorder(self.train_iter)  # here: a resume replaces the iterator built in __init__
-            summary = super().fit()
+            summary = super().fit(loggers)
             acc = self.accelerator
             lm = acc.unwrap_model(self.model).lm
             seen = self.train_iter.seen

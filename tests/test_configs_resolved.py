@@ -23,6 +23,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig
 
+import llmopt  # noqa: F401  (registers the config schema and resolvers, as every entry point does)
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SNAPSHOTS = Path(__file__).resolve().parent / "resolved_configs"
 DEFAULT = "default"   # the job with no overrides; experiments have a folder or another name
@@ -61,7 +63,8 @@ def _leaf(parent, key):
 
 
 def resolved(name: str) -> dict:
-    overrides = JOBS.get(name, [f"experiment={name}"])
+    # ~local: this machine's configs/local/default.yaml (git-ignored) is no part of what the files define
+    overrides = [*JOBS.get(name, [f"experiment={name}"]), "~local"]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return plain(compose("train", overrides=overrides))
 

@@ -359,12 +359,14 @@ def test_default_lookahead_window_is_the_papers_share_of_the_run(hydra_configs):
 
 
 def test_every_experiment_passes_the_trainers_key_checks(hydra_configs):
-    """The trainer refuses unknown keys (a `+key` typo): no experiment file may hold one."""
-    from llmopt.train.run import check_config_keys, optimizer_kwargs, schedule_from_config, trainer_config
+    """The schema (at compose) and the builders refuse unknown keys and values of the wrong kind: no experiment
+    file may hold one."""
+    from llmopt.config import check_schema
+    from llmopt.train.run import optimizer_kwargs, schedule_from_config, trainer_config
 
     for name in EXPERIMENTS:
         cfg = compose("train", overrides=[f"experiment={name}"])
-        check_config_keys(cfg)
+        check_schema(cfg)
         schedule_from_config(cfg, trainer_config(cfg).steps)
         optimizer_kwargs(cfg)
 

@@ -280,7 +280,8 @@ class SpyCache:
 @pytest.fixture(scope="module")
 def cache_runs(tmp_path_factory):
     """One run without a cache, then two runs of the same config through one cache."""
-    from llmopt.train.run import format_summary, run
+    from llmopt.train.run import run
+    from llmopt.train.rundir import format_summary
 
     tmp = tmp_path_factory.mktemp("cache")
     spy = SpyCache()

@@ -150,9 +150,9 @@ def test_deterministic_run_trains_exactly_as_the_default_on_cpu(tmp_path, monkey
     seen = []
     fit = Trainer.fit
 
-    def spy(self):
+    def spy(self, loggers):
         seen.append(torch.are_deterministic_algorithms_enabled())
-        return fit(self)
+        return fit(self, loggers)
     monkeypatch.setattr(Trainer, "fit", spy)
     base = [*C4_SMALL, "trainer.steps=3", "optimizer=scale", "schedule=constant"]
     models = ModelCache()

@@ -130,7 +130,7 @@ def test_perf_records_exclude_evaluation_and_count_non_pad_tokens(tmp_path, monk
         return real_evaluate(self)
 
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", slow_evaluate)
-    monkeypatch.setattr(run_module, "_peak", lambda device: 1e12)
+    monkeypatch.setattr(run_module, "peak_flops", lambda device: 1e12)
     overrides = [*C4_SMALL, "trainer.steps=6", "trainer.log_every=2", "trainer.eval_every=2", "schedule=constant"]
     _, run_dir = run_in_process(tmp_path, overrides)
     records = [r for r in metrics(run_dir) if "train/loss" in r]
@@ -404,9 +404,6 @@ def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
 @pytest.mark.parametrize("args, message", [
     (["trainer.grad_clip=-1"], r"trainer.grad_clip must be >= 0"),
     (["trainer.eval_batch_size=4", "trainer.eval_global_batch_size=8"], "set one of trainer.eval_batch_size"),
-    (["+trainer.stepz=5"], r"unknown trainer keys \['stepz'\]"),
-    (["+sead=3"], r"unknown top-level keys \['sead'\]"),
-    (["+checkpoint.evry=3"], r"unknown checkpoint keys \['evry'\]"),
     (["lookahead=ema_nesterov", "+lookahead.window=5"], r"unknown lookahead keys \['window'\]"),
     (["lookahead=ema_nesterov", "lookahead.start_step=400", "lookahead.end_step=null"],
      r"lookahead window .* is empty in a run of trainer.steps=300"),
@@ -426,8 +423,25 @@ def test_bad_settings_refused_before_anything_is_built(tmp_path, monkeypatch, ar
     """(The CLI turns these ValueErrors into one line and exit 2, as the test above shows.)"""
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the settings were checked")
-    monkeypatch.setattr("llmopt.train.run.build_model", no_model)
+    monkeypatch.setattr("llmopt.train.build.build_model", no_model)
     with pytest.raises(ValueError, match=message):
+        run_in_process(tmp_path, args)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["+trainer.stepz=5"], "Key 'stepz' not in 'TrainerConfig'"),
+    (["+sead=3"], "Key 'sead' not in 'RunConfig'"),
+    (["+checkpoint.evry=3"], "Key 'evry' not in 'CheckpointConfig'"),
+])
+def test_appended_unknown_keys_refused_before_anything_is_built(tmp_path, monkeypatch, args, message):
+    """Hydra adds a `+key` even to a typed group; run() holds the config to the schema first."""
+    from omegaconf.errors import ConfigKeyError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the settings were checked")
+    monkeypatch.setattr("llmopt.train.build.build_model", no_model)
+    with pytest.raises(ConfigKeyError, match=message):
         run_in_process(tmp_path, args)
     assert not (tmp_path / "run").exists()
 
@@ -527,7 +541,7 @@ def test_eval_global_batch_is_split_over_the_ranks():
 def test_removing_a_run_directory_takes_its_empty_date_directory(tmp_path):
     """remove_if_empty (another rank's unused directory) and remove_if_unstarted (a run that failed before its first
     step) leave no empty date directory behind, and keep one that holds other runs."""
-    from llmopt.train.run import remove_if_empty, remove_if_unstarted
+    from llmopt.train.rundir import remove_if_empty, remove_if_unstarted
 
     (tmp_path / "day1" / "run").mkdir(parents=True)
     remove_if_empty(tmp_path / "day1" / "run")

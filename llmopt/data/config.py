@@ -50,6 +50,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmopt.config import DataSchema
+
 MODES = ("truncate_pad", "packed")
 BAD_RECORD_POLICIES = ("skip", "fail")
 FORMATS = ("auto", "json", "text", "parquet")
@@ -113,19 +115,20 @@ class DataConfig:
     train: SourceConfig
     eval: SourceConfig
     extra_eval: dict[str, SourceConfig] = field(default_factory=dict)
-    name: str = "data"
-    vocab_size: int | None = None
-    eval_tokens: int | None = None
-    shuffle_seed: int | None = None
-    num_workers: int = 0
-    on_bad_record: str = "fail"
-    data_dir: Path = field(default_factory=project_root)
+    # the defaults are the config schema's (llmopt.config.DataSchema), which Hydra composes the data group onto
+    name: str = DataSchema.name
+    vocab_size: int | None = DataSchema.vocab_size
+    eval_tokens: int | None = DataSchema.eval_tokens
+    shuffle_seed: int | None = DataSchema.shuffle_seed
+    num_workers: int = DataSchema.num_workers
+    on_bad_record: str = DataSchema.on_bad_record
+    data_dir: Path = field(default_factory=project_root)   # DataSchema.data_dir null = the project root
     synthetic: dict = field(default_factory=dict)
-    chunk_docs: int = 64
-    prefetch: int = 4
-    batches_ahead: int = 4
-    hub_timeout_s: float = 10.0
-    window_shuffle_buffer: int | None = None
+    chunk_docs: int = DataSchema.chunk_docs
+    prefetch: int = DataSchema.prefetch
+    batches_ahead: int = DataSchema.batches_ahead
+    hub_timeout_s: float = DataSchema.hub_timeout_s
+    window_shuffle_buffer: int | None = DataSchema.window_shuffle_buffer
 
     def resolve(self, path: str) -> Path:
         """A config path: absolute, or relative to data_dir."""
@@ -231,7 +234,7 @@ def parse_config(data_cfg: Mapping) -> DataConfig:
     if isinstance(raw["seq_len"], bool) or not isinstance(raw["seq_len"], int) or raw["seq_len"] < 2:
         raise ValueError(f"data.seq_len must be an integer >= 2 (a causal LM needs at least one input and one "
                          f"target token per sequence), got {raw['seq_len']!r}")
-    if raw.get("on_bad_record", "fail") not in BAD_RECORD_POLICIES:
+    if raw.get("on_bad_record", DataSchema.on_bad_record) not in BAD_RECORD_POLICIES:
         raise ValueError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, got {raw['on_bad_record']!r}")
     kwargs = {k: v for k, v in raw.items() if v is not None and k not in ("train", "eval", "extra_eval", "data_dir")}
     kwargs["train"] = _source("train", raw["train"])

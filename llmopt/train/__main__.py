@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+from llmopt.config import CONFIG_DIR
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     from llmopt.data.sources import HubUnreachableError
     from llmopt.train.lock import DirectoryLocked
-    from llmopt.train.run import PREEMPTED_EXIT_CODE, format_summary, remove_if_unstarted, run
+    from llmopt.train.run import run
+    from llmopt.train.rundir import format_summary, remove_if_unstarted
+    from llmopt.train.signals import PREEMPTED_EXIT_CODE
     from llmopt.train.sweep import record_outcome
     from llmopt.train.trainer import NonFiniteError
 
@@ -31,9 +36,9 @@ def main(cfg: DictConfig) -> None:
     error, exit_code = None, 0
     try:
         summary = run(cfg, run_dir)
-    except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError) as err:
+    except (ValueError, MemoryError, FileNotFoundError, HubUnreachableError, OmegaConfBaseException) as err:
         remove_if_unstarted(run_dir)
-        error, exit_code = f"error: {err}", 2
+        error, exit_code = f"error: {config_error(err)}", 2
     except DirectoryLocked as err:  # that directory is another run's: nothing of it is removed
         if err.directory.resolve() != run_dir.resolve():
             remove_if_unstarted(run_dir)
@@ -64,5 +69,25 @@ def main(cfg: DictConfig) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def config_error(err: Exception) -> str:
+    """An error as one line; a refused config names the key, the value and what was expected (Hydra's own report
+    spans a traceback or several lines)."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        problem = str(cause.msg).splitlines()[0]
+        return f"{cause.full_key}: {problem}" + (f" ({err})" if cause is not err else "")
+    return " ".join(str(err).split("Config search path")[0].split())
+
+
+def cli() -> None:
+    # Hydra then raises a config it refuses instead of printing it, and the error is reported in one line
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (ConfigCompositionException, OmegaConfBaseException) as err:
+        print(f"llmopt: error: {config_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,18 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from llmopt.config import TrainerConfig
 from llmopt.metrics.throughput import peak_memory_bytes
 from llmopt.optim.memory import state_bytes
-
-PRECISIONS = ("bf16_pure", "amp_bf16", "fp32")
-# how evaluation runs: as training does (its autocast, its weights), or in fp32 without autocast (the SGD-LL and
-# EMA-Nesterov scripts' --eval_in_fp32; under bf16_pure on an fp32 copy of the weights)
-EVAL_PRECISIONS = ("train", "fp32")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -44,68 +39,6 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     np.copyto(out.numpy(), tensor.numpy())
     return out
-
-
-# how the micro-batches' losses make the step's loss: every target token of the global batch the same weight, or
-# the reference loop's mean of per-micro-batch means (there a micro-batch with fewer non-pad tokens weighs more)
-LOSS_WEIGHTINGS = ("tokens", "micro_batch_mean")
-
-
-@dataclass
-class TrainerConfig:
-    steps: int = 200                 # schedule length (the reference-quirks schedule makes steps + 1 updates)
-    global_batch_size: int = 32      # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 8        # sequences per forward/backward on one rank
-    precision: str = "fp32"
-    grad_clip: float = 0.0           # 0: off
-    eval_every: int = 100
-    eval_batch_size: int | None = None          # sequences per evaluation batch on one rank (None: micro)
-    eval_global_batch_size: int | None = None   # ... over all ranks instead, split evenly (paper_loss's divisor)
-    log_every: int = 10
-    nonfinite: str = "stop"          # stop | skip: what a NaN/Inf loss or gradient does
-    loss_weighting: str = "tokens"   # tokens | micro_batch_mean (the reference loop's averaging)
-    eval_precision: str = "train"    # train (the training autocast) | fp32 (no autocast, fp32 weights)
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
-        if self.eval_every <= 0:
-            raise ValueError(f"eval_every must be > 0 (steps between evaluations), got {self.eval_every}")
-        if self.log_every <= 0:
-            raise ValueError(f"log_every must be > 0, got {self.log_every}")
-        if self.micro_batch_size <= 0 or self.global_batch_size <= 0:
-            raise ValueError("micro_batch_size and global_batch_size must be > 0")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"trainer.loss_weighting must be one of {list(LOSS_WEIGHTINGS)}, got "
-                             f"{self.loss_weighting!r}")
-        if self.eval_precision not in EVAL_PRECISIONS:
-            raise ValueError(f"trainer.eval_precision must be one of {list(EVAL_PRECISIONS)}, got "
-                             f"{self.eval_precision!r}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-
-    def accumulation(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
-                             f"micro_batch_size x world_size = {self.micro_batch_size} x {world_size}; "
-                             "change one of them")
-        return self.global_batch_size // per_step
-
-    def eval_batch(self, world_size: int) -> int:
-        """Sequences per evaluation batch on one rank. The paper-compatible loss divides by (batches + 1) per
-        rank, so it depends on this: eval_global_batch_size keeps it the same on any number of GPUs."""
-        if self.eval_global_batch_size is None:
-            return self.eval_batch_size or self.micro_batch_size
-        if self.eval_batch_size is not None:
-            raise ValueError("set one of trainer.eval_batch_size (per rank) and trainer.eval_global_batch_size "
-                             "(all ranks), not both")
-        if self.eval_global_batch_size <= 0 or self.eval_global_batch_size % world_size:
-            raise ValueError(f"eval_global_batch_size={self.eval_global_batch_size} must be a positive multiple of "
-                             f"the number of processes ({world_size}); change it or the process count")
-        return self.eval_global_batch_size // world_size
 
 
 class NonFiniteError(RuntimeError):
@@ -129,18 +62,18 @@ class WeightCopy:
 
 
 class Trainer:
-    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract. `loggers` may be
-    set after construction (run() starts them once a checkpoint to resume has loaded). `eval_model`: the CausalLMLoss
-    evaluations run (default `model`); `eval_weights`: a WeightCopy into it, refreshed before each evaluation."""
+    """`model` is the (Accelerate-prepared) CausalLMLoss; `data` follows llmopt.data's contract. `eval_model`: the
+    CausalLMLoss evaluations run (default `model`); `eval_weights`: a WeightCopy into it, refreshed before each
+    evaluation. The loggers come with fit() (run() starts them once a checkpoint to resume has loaded)."""
 
     def __init__(self, model, optimizer, scheduler, schedule, data, accelerator, config: TrainerConfig,
-                 loggers, seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 seq_len: int, flops_per_token: float | None = None, peak_flops: float | None = None,
                  extra_metrics: dict | None = None, diagnostics=None, checkpointer=None, stop_requested=None,
                  eval_model=None, eval_weights: WeightCopy | None = None):
         self.model, self.optimizer, self.scheduler, self.schedule = model, optimizer, scheduler, schedule
         self.eval_model = model if eval_model is None else eval_model
         self.eval_weights = eval_weights
-        self.data, self.accelerator, self.config, self.loggers = data, accelerator, config, loggers
+        self.data, self.accelerator, self.config = data, accelerator, config
         self.seq_len = seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.extra_metrics = extra_metrics or {}   # constant facts, logged with the first record
@@ -307,7 +240,8 @@ class Trainer:
                 f"{prefix}paper_batches": batches}  # this rank's; its paper figure divides by batches + 1
 
     # -- the run ------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, loggers) -> dict:
+        """Train to the end of the schedule (or a preemption), logging through `loggers` (llmopt.metrics.loggers)."""
         cfg, acc = self.config, self.accelerator
         slots_per_step = cfg.global_batch_size * self.seq_len
         progress = self._progress_bar()
@@ -351,7 +285,7 @@ class Trainer:
                 self.last_eval = self.evaluate()
                 metrics.update(self.last_eval)
             if metrics:
-                self.loggers.log(metrics, step=self.step)
+                loggers.log(metrics, step=self.step)
             if self.checkpointer is not None and self.step < self.schedule.num_updates and \
                     self.checkpointer.due(self.step):
                 self.check_before_checkpoint()
