@@ -93,20 +93,31 @@ def _wait_for(predicate, timeout=120.0, interval=0.05):
 
 
 def _start(args, cwd):
+    """The CLI in a session of its own, so that a signal can go to its whole process group (a terminal's Ctrl-C)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    return subprocess.Popen([sys.executable, "-m", "llmopt.train", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "llmopt.train", *args], cwd=cwd, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def _wait_for_a_step(proc, tmp_path, name: str) -> None:
+    assert _wait_for(lambda: any(p.stat().st_size > 0 for p in tmp_path.glob(f"*/*_{name}/metrics.jsonl"))), \
+        proc.communicate()[1][-2000:]
+
+
+# SIGINT as a terminal's Ctrl-C sends it: to the process group, DataLoader workers included
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path, sig):
     ckpt_dir = tmp_path / "ckpt"
     args = ["trainer.steps=60", "trainer.log_every=1", "trainer.eval_every=1000", "data.eval_tokens=2000",
             f"checkpoint.dir={ckpt_dir}", f"output_root={tmp_path}", "run_name=pre"]
+    if sig == signal.SIGINT:
+        args.insert(0, "data.num_workers=2")
     proc = _start(args, tmp_path)
-    assert _wait_for(lambda: any(p.stat().st_size > 0 for p in tmp_path.glob("*/*_pre/metrics.jsonl"))), \
-        proc.communicate()[1][-2000:]
-    proc.send_signal(sig)
+    _wait_for_a_step(proc, tmp_path, "pre")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     assert f"received {sig.name}" in out + err and "preempted" in out
@@ -123,6 +134,26 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path, sig):
     assert f"resumed from {ckpts[0]}" in done.stdout + done.stderr
     summary = json.loads(next(tmp_path.glob("*/*_pre2/summary.json")).read_text())
     assert summary["step"] == 60 and summary["preempted"] is False
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once(caplog):
+    from llmopt.train.signals import StopSignal
+
+    stop = StopSignal()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode boundary of this thread
+        assert stop.requested() and stop.received == "SIGINT"
+        assert "Ctrl-C again to stop at once" in caplog.text
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    stop.install()  # a new run in the same process starts unstopped
+    stop.uninstall()
+    assert not stop.requested()
 
 
 @pytest.mark.parametrize("log_every", [1, 7])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,6 +387,8 @@ def test_logged_lr_is_the_updates_own(tmp_path):
     (["trainer.precision=fp16"], "unknown precision 'fp16'"),
     (["model=7b", "optimizer=adamw", "trainer.device=cpu"], "need about .* GB .* but the device has"),
     (["optimizer.lr=-1"], "lr must be >= 0"),
+    (["data.eval_tokens=100000000"], "fewer than data.eval_tokens=100000000"),  # before the first step
+    ([f"checkpoint.dir={Path(__file__)}/ckpt"], "cannot write in the checkpoint directory"),
     (["data=c4_local", "data.train.files=[c4/nope.jsonl.gz]", "model.vocab_size=32000"], "nope.jsonl.gz"),
 ])
 def test_bad_input_one_clear_error_nothing_written(tmp_path, args, message):
@@ -550,3 +553,11 @@ def test_removing_a_run_directory_takes_its_empty_date_directory(tmp_path):
     (tmp_path / "day2" / "other").mkdir()
     remove_if_unstarted(tmp_path / "day2" / "run")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["day2", "other"]
+
+
+def test_an_output_root_that_cannot_be_created_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"  # root ignores permissions: a file where a directory must go fails for everyone
+    blocker.write_text("")
+    out = run_cli([f"output_root={blocker}/out"], cwd=tmp_path, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "llmopt: error: cannot create the run directory" in out.stderr and "set output_root" in out.stderr

@@ -65,6 +65,12 @@ class Data:
                                                    eval_tokens=cfg.eval_tokens)
         return self._eval_sets[name]
 
+    def build_held_out_sets(self) -> None:
+        """Tokenize the validation set and every extra held-out set now: a source too small for data.eval_tokens
+        is then refused before the first step, not at the first evaluation."""
+        for name in self._eval_sources:
+            self.held_out_set(name)
+
     def eval_batches(self, batch_size: int, name: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """A fresh iterator over this rank's share of the validation set (or of extra held-out set `name`);
         every rank gets the same number of batches, and the union over ranks is the 1-process set."""

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import threading
 import weakref
 from collections.abc import Iterator
@@ -147,6 +148,12 @@ class ChunkDataset(torch.utils.data.IterableDataset):
                 yield Chunk(epoch, start, ids, lengths, errors)
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C (SIGINT, sent to the whole process group) to the training process,
+    which stops at a step boundary and checkpoints; a worker that died of it would fail that last step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_is(item):
     return item
 
@@ -165,7 +172,7 @@ class DocStream:
         else:
             self._chunks = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=settings.num_workers, prefetch_factor=settings.prefetch,
-                collate_fn=_as_is))
+                collate_fn=_as_is, worker_init_fn=_ignore_interrupts))
         self.epoch, self.index, self.what = epoch, index, source.description
         self.bad_records = 0
         self._chunk: Chunk | None = None

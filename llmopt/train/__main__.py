@@ -15,9 +15,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llmopt.config import CONFIG_DIR
 
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process stopped by SIGINT
+_job_started = False  # main() entered: Hydra has set up the run directory
+
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
     from hydra.types import RunMode
 
     from llmopt.data.sources import HubUnreachableError
@@ -51,11 +56,16 @@ def main(cfg: DictConfig) -> None:
             raise
         traceback.print_exc()  # a crash is reported like any failure, and the sweep goes on
         error = f"crashed: {type(err).__name__}: {err}"
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C during it
+        remove_if_unstarted(run_dir)
+        print("\nllmopt: interrupted: stopped at once, nothing written since the last checkpoint", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except BaseException:
         remove_if_unstarted(run_dir)
         raise
     if error is not None:
-        print(f"\nllmopt: {error}", file=sys.stderr)
+        after_progress_bar = "\n" if exit_code == 3 else ""  # a run stopped mid-training
+        print(f"{after_progress_bar}llmopt: {error}", file=sys.stderr)
         if not sweeping:
             sys.exit(exit_code)
     if sweeping:
@@ -86,6 +96,13 @@ def cli() -> None:
         main()
     except (ConfigCompositionException, OmegaConfBaseException) as err:
         print(f"llmopt: error: {config_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if _job_started:
+            raise
+        # Hydra creates the run directory before the job starts
+        print(f"llmopt: error: cannot create the run directory ({err.strerror}: {err.filename}): set output_root "
+              "(or hydra.run.dir / hydra.sweep.dir) to a writable directory", file=sys.stderr)
         sys.exit(2)
 
 

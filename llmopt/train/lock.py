@@ -31,6 +31,11 @@ class DirectoryLocked(RuntimeError):
         self.directory = Path(directory)
 
 
+class DirectoryNotWritable(DirectoryLocked):
+    """`directory` cannot be created or written (read-only, no permission): found before the first step, where the
+    lock is taken, not at the first checkpoint."""
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -55,6 +60,17 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> RunLock:
+        try:
+            return self._acquire()
+        except (DirectoryLocked, FileExistsError):
+            raise
+        except OSError as err:
+            raise DirectoryNotWritable(
+                f"cannot write in the {self.what} {self.path.parent} ({err.strerror}): choose a writable one "
+                f"({'checkpoint.dir' if 'checkpoint' in self.what else 'output_root or hydra.run.dir'})",
+                self.path.parent) from None
+
+    def _acquire(self) -> RunLock:
         self._made_dir = not self.path.parent.exists()  # removed again on release if the run left it empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a stale lock removed, then created again; a race with another taker loses cleanly

@@ -80,6 +80,7 @@ def _run(cfg: DictConfig, tcfg: TrainerConfig, run_dir: Path, models: ModelCache
     data.check_vocab(model_config.vocab_size)
     run_dir, checkpoint_dir, run_id = _same_on_every_rank(accelerator, run_dir, Path(cfg.checkpoint.dir))
     _lock_directories(accelerator, {"run directory": run_dir, "checkpoint directory": checkpoint_dir}, held)
+    data.build_held_out_sets()  # a source smaller than data.eval_tokens is refused now, not at the first evaluation
 
     # -- build ---------------------------------------------------------------------------------------
     def build():

@@ -1,5 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 stop the run at a step boundary, which then checkpoints and exits with
-PREEMPTED_EXIT_CODE (the sbatch templates requeue the job on it)."""
+"""Preemption: SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) stop the run at a step boundary, which then checkpoints and exits
+with PREEMPTED_EXIT_CODE (the sbatch templates requeue the job on it); a second Ctrl-C stops at once."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ log = logging.getLogger("llmopt")
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the loop to stop at the next step
-    boundary; the run then checkpoints and exits with PREEMPTED_EXIT_CODE."""
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT (Ctrl-C) ask the loop to stop at the next
+    step boundary; the run then checkpoints and exits with PREEMPTED_EXIT_CODE. A second SIGINT raises
+    KeyboardInterrupt at once (nothing more is written)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         self.received: str | None = None
@@ -25,14 +26,19 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         import signal
-        self.received = signal.Signals(signum).name
-        log.warning("received %s: stopping after the current step to checkpoint", self.received)
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = name
+        at_once = " (Ctrl-C again to stop at once, without it)" if name == "SIGINT" else ""
+        log.warning("received %s: stopping after the current step to checkpoint%s", name, at_once)
 
     def install(self) -> None:
         import signal
         import threading
         if threading.current_thread() is not threading.main_thread():
             return
+        self.received = None  # a new run in this process (a sweep) starts unstopped
         for name in self.SIGNALS:
             if hasattr(signal, name):
                 self._previous[name] = signal.signal(getattr(signal, name), self._handle)
