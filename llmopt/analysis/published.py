@@ -95,7 +95,7 @@ def lookup_published(published: dict, table: str, row: str, size: str, step: int
 
 # ---------------------------------------------------------------------------------------------------
 # Protocols: resolved-config keys (dotted) and the values a table's runs were trained with (protocol.md
-# sections 1-3; the same values tests/resolved_configs/ holds for the experiment configs).
+# sections 1-3; the same values tests/configs/resolved_configs/ holds for the experiment configs).
 
 GALORE_DATA = {"data.name": "c4", "data.mode": "truncate_pad", "data.seq_len": 256}
 GALORE_STEPS = {"60m": 11000, "130m": 20000, "350m": 60000, "1b": 100000, "7b": 150000}   # SCALE's 60M: 11K

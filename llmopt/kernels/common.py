@@ -9,7 +9,7 @@ per-block table to read before its data (measured on an H200: benchmarks/RESULTS
 for the row kernels, their rows) start on 16-byte boundaries, the kernels say so (ALIGNED) and load 16 bytes per
 instruction; an address read from a table carries no alignment the compiler could see. All arithmetic is
 in fp32; values are rounded to the tensors' dtype where the eager code rounds them, so a kernel's result
-equals the eager one within one rounding of the last bit (tests/test_kernels.py).
+equals the eager one within one rounding of the last bit (tests/kernels/test_kernels.py).
 
 The kernels run on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter,
 how the tests check them without a GPU). `available(tensors)` says whether they can run.

@@ -411,6 +411,6 @@ def _builder(method: str):
 
 
 # whole matrices (the projection); the memory accounting is lowrank_state_elements, by shape; the contract
-# tests leave them out (their packages are optional): tests/test_lowrank.py covers them
+# tests leave them out (their packages are optional): tests/optim/test_lowrank.py covers them
 for _method in LOWRANK_METHODS:
     register(_method, whole_tensors=True)(_builder(_method))

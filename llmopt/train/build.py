@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from llmopt.accounting import llmopt_memory_gb, paper_memory_gb
 from llmopt.config import TrainerConfig
 from llmopt.model import build_model, use_rotary_table
 from llmopt.model.attention import use_attention
 from llmopt.model.embedding import use_ordered_embedding
 from llmopt.model.loss import CausalLMLoss
-from llmopt.accounting import llmopt_memory_gb, paper_memory_gb
 from llmopt.optim import EMANesterov, spec
 from llmopt.train.checkpoint import Checkpointer
 from llmopt.train.checks import check_arguments

@@ -8,9 +8,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 
+from llmopt.accounting import estimate_train_bytes
 from llmopt.config import TrainerConfig
 from llmopt.optim import spec
-from llmopt.accounting import estimate_train_bytes
 
 
 def check_known(section: str, names: Iterable[str], known: Iterable[str]) -> None:

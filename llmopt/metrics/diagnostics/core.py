@@ -119,11 +119,21 @@ from collections import deque
 import torch
 
 from llmopt.metrics.diagnostics import keys
-from llmopt.metrics.diagnostics.keys import QUANTITIES
 from llmopt.metrics.diagnostics.record import Record
-from llmopt.metrics.diagnostics.tensors import (_device_quantiles, _dist, _local, _nested_optimizers, _quantile,
-                                               _ratio, _sanitize, _scatter, _sq_norms, _unwrap, layer_of,
-                                               tensor_id)
+from llmopt.metrics.diagnostics.tensors import (
+    _device_quantiles,
+    _dist,
+    _local,
+    _nested_optimizers,
+    _quantile,
+    _ratio,
+    _sanitize,
+    _scatter,
+    _sq_norms,
+    _unwrap,
+    layer_of,
+    tensor_id,
+)
 
 BLOCK_KINDS = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 MATRIX_KINDS = ("q", "k", "v", "o", "gate", "up", "down")

@@ -1,0 +1,1 @@
+"""What the tests share: models and batches, the trainer run from a test, the distributed worker."""
