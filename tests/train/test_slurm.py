@@ -274,7 +274,8 @@ def test_launcher_job_keeps_its_run_directory_on_requeue(tmp_path, fake_slurm):
     job_cfg.hydra.job.num = job_num                       # as the launcher sets it in the job
     assert job_cfg.hydra.sweep.subdir == "0_sgd_ll_130m_lr100.0_seed43"
     callbacks = OmegaConf.to_container(job_cfg.hydra.callbacks)
-    assert callbacks == {"slurm_env": {"_target_": "llmopt.slurm.SlurmEnvCallback"}}
+    assert callbacks == {"sweep_report": {"_target_": "llmopt.train.sweep.SweepReport"},
+                         "slurm_env": {"_target_": "llmopt.slurm.SlurmEnvCallback"}}
 
 
 # -- the sbatch templates (slurm/) --------------------------------------------------------------------------------
