@@ -233,14 +233,3 @@ def run_identity(cfg: DictConfig) -> dict:
             yield prefix, value
     return dict(flat(tree, ""))
 
-
-def _resume_path(resume: str, checkpointer: Checkpointer) -> Path | None:
-    if resume in (None, "none"):
-        return None
-    if resume == "auto":
-        return checkpointer.latest_valid()
-    path = Path(resume)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint.resume={resume!r} is not a directory; give a step_<8 digits> directory, "
-                         "auto or none")
-    return path
